@@ -1,0 +1,239 @@
+"""The DenseLoRA layer: a frozen Linear plus ``s * drop(act(W_d M drop(act(W_e drop(x)))))``.
+
+``W_e`` and ``W_d`` are shared by every layer of one module type and are owned once by the model
+(``DenseLoraModel``); a layer holds only a plain reference to that owner's containers, so the state dict, optimizers
+and FSDP see each shared tensor exactly once. What a layer owns is its r x r matrix ``M`` (and, for modules in
+``lora_modules``, a plain LoRA pair).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
+from torch import nn
+
+from .config import DenseLoraConfig
+
+ACTIVATION_FUNCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu": F.gelu,
+    "identity": lambda t: t,
+    "relu": F.relu,
+    "silu": F.silu,
+    "tanh": torch.tanh,
+}
+
+
+def supported_base_layer_types() -> tuple[type[nn.Module], ...]:
+    """torch Linear, and bitsandbytes' 8-bit and 4-bit Linear (QLoRA-style bases)."""
+    types: list[type[nn.Module]] = [nn.Linear]
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return tuple(types)
+    return (*types, bnb.nn.Linear8bitLt, bnb.nn.Linear4bit)
+
+
+def init_tensor(
+    shape: tuple[int, int], generator: torch.Generator | None, zeros: bool = False
+) -> torch.Tensor:
+    """A float32 CPU tensor with nn.Linear's default init (Kaiming-uniform, a=sqrt(5)), or zeros.
+
+    Initialising on the CPU (then moving) lets a private CPU generator make the init reproducible on any device.
+    """
+    tensor = torch.empty(shape, dtype=torch.float32, device="cpu")
+    if zeros:
+        return nn.init.zeros_(tensor)
+    return nn.init.kaiming_uniform_(tensor, a=math.sqrt(5), generator=generator)
+
+
+def nonlinear_merge_error(adapter: str, activation: str) -> ValueError:
+    return ValueError(
+        f"cannot merge DenseLoRA adapter '{adapter}': activation '{activation}' makes the update a non-linear "
+        "function of x, not a weight matrix; only activation='identity' (the 'Only Matrix' variant) can be merged"
+    )
+
+
+def dense_delta(
+    x: torch.Tensor,
+    encoder: torch.Tensor,
+    middle: torch.Tensor,
+    decoder: torch.Tensor,
+    activation: str,
+    dropout: nn.Module,
+    scaling: float,
+) -> torch.Tensor:
+    """The DenseLoRA update, written as the paper's formula (the reference every faster path is checked against)."""
+    act = ACTIVATION_FUNCTIONS[activation]
+    hidden = dropout(act(F.linear(dropout(x), encoder)))
+    return dropout(act(F.linear(F.linear(hidden, middle), decoder))) * scaling
+
+
+def lora_delta(
+    x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, dropout: nn.Module, scaling: float
+):
+    """A plain LoRA update, for the modules a mixed-granularity config leaves to LoRA."""
+    return F.linear(F.linear(dropout(x), lora_a), lora_b) * scaling
+
+
+class SharedWeights:
+    """The owner's shared encoder/decoder containers, held without registering them as submodules of the layer.
+
+    ``encoders[adapter][module_type]`` is W_e and ``decoders[adapter][module_type]`` is W_d. Looking them up at
+    forward time (rather than keeping the Parameter objects) lets wrappers that swap parameters (FSDP) work.
+    """
+
+    def __init__(self, encoders: nn.ModuleDict, decoders: nn.ModuleDict) -> None:
+        self.encoders = encoders
+        self.decoders = decoders
+
+    def get(self, adapter: str, module_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.encoders[adapter][module_type], self.decoders[adapter][module_type]
+
+
+class DenseLoraLayer(BaseTunerLayer):
+    adapter_layer_names = ("denselora_M", "denselora_A", "denselora_B")
+    other_param_names = ("r", "scaling", "activation", "denselora_dropout")
+
+    def __init__(self, base_layer: nn.Module, module_type: str, shared: SharedWeights) -> None:
+        self.base_layer = base_layer
+        self.module_type = module_type
+        # A plain attribute, not a submodule: the shared weights belong to the model, not to every layer.
+        object.__setattr__(self, "shared", shared)
+        self.r: dict[str, int] = {}
+        self.scaling: dict[str, float] = {}
+        self.activation: dict[str, str] = {}
+        self.denselora_dropout = nn.ModuleDict()
+        self.denselora_M = nn.ParameterDict()
+        self.denselora_A = nn.ParameterDict()
+        self.denselora_B = nn.ParameterDict()
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self.in_features, self.out_features = _get_in_out_features(self.get_base_layer())
+
+    def update_layer(
+        self, adapter_name: str, config: DenseLoraConfig, use_lora: bool, generator: torch.Generator | None
+    ) -> None:
+        r = config.r
+        self.r[adapter_name] = r
+        self.scaling[adapter_name] = config.scaling
+        self.activation[adapter_name] = config.activation
+        self.denselora_dropout[adapter_name] = (
+            nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        )
+        device = self.get_base_layer().weight.device
+        if use_lora:
+            lora_a = init_tensor((r, self.in_features), generator)
+            lora_b = init_tensor((self.out_features, r), generator, zeros=config.init_weights)
+            self.denselora_A[adapter_name] = nn.Parameter(lora_a.to(device))
+            self.denselora_B[adapter_name] = nn.Parameter(lora_b.to(device))
+        else:
+            self.denselora_M[adapter_name] = nn.Parameter(init_tensor((r, r), generator).to(device))
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        """ΔW (out x in) of a linear adapter: s·B·A for LoRA modules, s·W_d·M·W_e for the identity activation."""
+        if adapter in self.denselora_A:
+            delta = self.denselora_B[adapter] @ self.denselora_A[adapter]
+        else:
+            if self.activation[adapter] != "identity":
+                raise nonlinear_merge_error(adapter, self.activation[adapter])
+            encoder, decoder = self.shared.get(adapter, self.module_type)
+            delta = decoder @ self.denselora_M[adapter] @ encoder
+        return delta * self.scaling[adapter]
+
+
+class Linear(nn.Module, DenseLoraLayer):
+    """A Linear (torch or bitsandbytes 8/4-bit) with DenseLoRA adapters."""
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        module_type: str,
+        shared: SharedWeights,
+        config: DenseLoraConfig,
+        use_lora: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        DenseLoraLayer.__init__(self, base_layer, module_type, shared)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config, use_lora, generator)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        for adapter in self.active_adapters:
+            delta = self._adapter_delta(adapter, x)
+            if delta is not None:
+                result = result + delta.to(result.dtype)
+        return result
+
+    def _adapter_delta(self, adapter: str, x: torch.Tensor) -> torch.Tensor | None:
+        """The adapter's update in the input's dtype (weights are cast, so bf16/fp16 and autocast both work)."""
+        dtype, device = x.dtype, x.device
+        if adapter in self.denselora_A:
+            lora_a = self.denselora_A[adapter].to(device, dtype)
+            lora_b = self.denselora_B[adapter].to(device, dtype)
+            return lora_delta(x, lora_a, lora_b, self.denselora_dropout[adapter], self.scaling[adapter])
+        if adapter not in self.denselora_M:
+            return None
+        encoder, decoder = self.shared.get(adapter, self.module_type)
+        return dense_delta(
+            x,
+            encoder.to(device, dtype),
+            self.denselora_M[adapter].to(device, dtype),
+            decoder.to(device, dtype),
+            self.activation[adapter],
+            self.denselora_dropout[adapter],
+            self.scaling[adapter],
+        )
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Fold linear adapters into W0 (identity activation or LoRA modules); others raise before anything changes."""
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        if not adapter_names:
+            return
+        base_layer = self.get_base_layer()
+        if type(base_layer) is not nn.Linear:
+            raise ValueError(
+                f"cannot merge into a {type(base_layer).__name__} base layer; load the base model unquantized to merge"
+            )
+        deltas = {
+            name: self.get_delta_weight(name)
+            for name in adapter_names
+            if name in self._all_available_adapter_names()
+        }
+        with torch.no_grad():
+            for name, delta in deltas.items():
+                merged = base_layer.weight.data + delta.to(base_layer.weight.dtype)
+                if safe_merge and not torch.isfinite(merged).all():
+                    raise ValueError(
+                        f"NaNs detected in the merged weights; adapter '{name}' seems to be broken"
+                    )
+                base_layer.weight.data = merged
+                self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+            return
+        weight = self.get_base_layer().weight
+        with torch.no_grad():
+            while self.merged_adapters:
+                name = self.merged_adapters.pop()
+                weight.data -= self.get_delta_weight(name).to(weight.dtype)
+
+    def __repr__(self) -> str:
+        return "denselora." + super().__repr__()

@@ -1,0 +1,256 @@
+"""DenseLoraModel: peft glue. Injects DenseLoRA layers and owns the shared encoder/decoder of each module type.
+
+The shared weights live here, once: ``denselora_encoder[adapter][module_type]`` (W_e, r x in) and
+``denselora_decoder[adapter][module_type]`` (W_d, out x r). In a ``PeftModel`` their state-dict keys are
+``base_model.denselora_encoder.<adapter>.<type>``, saved as ``base_model.denselora_encoder.<type>``.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from peft.tuners.tuners_utils import (
+    BaseTuner,
+    BaseTunerLayer,
+    _filter_state_dict_by_key_prefixes,
+    _get_in_out_features,
+    _get_tuner_state_dict_key_prefixes,
+)
+from peft.utils import PeftType, register_peft_method
+from torch import nn
+
+from .config import TARGET_MODULES_BY_MODEL_TYPE, DenseLoraConfig
+from .layer import (
+    DenseLoraLayer,
+    Linear,
+    SharedWeights,
+    init_tensor,
+    nonlinear_merge_error,
+    supported_base_layer_types,
+)
+
+
+class DenseLoraModel(BaseTuner):
+    """Creates a DenseLoRA model from a pretrained model; use it through ``peft.get_peft_model``."""
+
+    prefix: str = "denselora_"
+    tuner_layer_cls = DenseLoraLayer
+    target_module_mapping = TARGET_MODULES_BY_MODEL_TYPE
+    uses_shared_state = True
+
+    def _pre_injection_hook(self, model: nn.Module, config: DenseLoraConfig, adapter_name: str) -> None:
+        # Called once, before the first adapter is injected; later adapters add entries to the same containers.
+        self.denselora_encoder = nn.ModuleDict()
+        self.denselora_decoder = nn.ModuleDict()
+        self.shared_weights = SharedWeights(self.denselora_encoder, self.denselora_decoder)
+
+    def _prepare_model(self, peft_config: DenseLoraConfig, model: nn.Module) -> None:
+        """Runs before every injection: check the targets exist and set up this adapter's init generator."""
+        _check_targets_exist(peft_config, model)
+        seed = peft_config.init_seed
+        self._init_generator = None if seed is None else torch.Generator().manual_seed(seed)
+
+    def _create_and_replace(
+        self,
+        peft_config: DenseLoraConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **optional_kwargs,
+    ) -> None:
+        base_layer = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        if not isinstance(base_layer, supported_base_layer_types()):
+            raise TypeError(
+                f"DenseLoRA cannot adapt '{current_key}': {type(base_layer).__name__} is not supported "
+                "(torch.nn.Linear, bitsandbytes Linear8bitLt or Linear4bit)"
+            )
+        in_features, out_features = _get_in_out_features(base_layer)
+        if peft_config.r > min(in_features, out_features):
+            raise ValueError(
+                f"r={peft_config.r} is larger than '{current_key}' ({in_features} -> {out_features}); "
+                f"r must be at most {min(in_features, out_features)}"
+            )
+        use_lora = _name_matches(current_key, peft_config.lora_modules or [])
+        if not use_lora:
+            device = base_layer.weight.device
+            self._add_shared_weights(
+                adapter_name, target_name, in_features, out_features, peft_config, current_key, device
+            )
+        if isinstance(target, DenseLoraLayer):
+            target.update_layer(adapter_name, peft_config, use_lora, self._init_generator)
+            return
+        new_module = Linear(
+            target,
+            adapter_name,
+            target_name,
+            self.shared_weights,
+            peft_config,
+            use_lora,
+            self._init_generator,
+        )
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    def _add_shared_weights(
+        self,
+        adapter_name: str,
+        module_type: str,
+        in_features: int,
+        out_features: int,
+        config: DenseLoraConfig,
+        key: str,
+        device: torch.device,
+    ) -> None:
+        """Create W_e/W_d the first time a module type is met; later layers of that type must have the same dims."""
+        if adapter_name not in self.denselora_encoder:
+            self.denselora_encoder[adapter_name] = nn.ParameterDict()
+            self.denselora_decoder[adapter_name] = nn.ParameterDict()
+        encoders, decoders = self.denselora_encoder[adapter_name], self.denselora_decoder[adapter_name]
+        r = config.r
+        if module_type in encoders:
+            shared_dims = (encoders[module_type].shape[1], decoders[module_type].shape[0])
+            if shared_dims != (in_features, out_features):
+                raise ValueError(
+                    f"'{key}' is {in_features} -> {out_features} but other '{module_type}' modules are "
+                    f"{shared_dims[0]} -> {shared_dims[1]}; DenseLoRA shares W_e/W_d per module type, so all modules "
+                    "of a type must have the same dims (exclude the odd ones with exclude_modules)"
+                )
+            return
+        generator = self._init_generator
+        encoder = init_tensor((r, in_features), generator)
+        decoder = init_tensor((out_features, r), generator, zeros=config.init_weights)
+        encoders[module_type] = nn.Parameter(encoder.to(device))
+        decoders[module_type] = nn.Parameter(decoder.to(device))
+
+    # --- trainability of the shared weights follows the adapter's, and train_shared ---------------------------------
+
+    def _set_shared_requires_grad(self, adapter_name: str, requires_grad: bool) -> None:
+        trainable = requires_grad and self.peft_config[adapter_name].train_shared
+        for container in (self.denselora_encoder, self.denselora_decoder):
+            if adapter_name in container:
+                container[adapter_name].requires_grad_(trainable)
+
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        super().set_adapter(adapter_name, inference_mode=inference_mode)
+        active = [adapter_name] if isinstance(adapter_name, str) else adapter_name
+        for name in self.denselora_encoder:
+            self._set_shared_requires_grad(name, name in active and not inference_mode)
+
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        super().set_requires_grad(adapter_names, requires_grad=requires_grad)
+        for name in [adapter_names] if isinstance(adapter_names, str) else adapter_names:
+            self._set_shared_requires_grad(name, requires_grad)
+
+    def _enable_adapter_layers(self, enabled: bool = True) -> None:
+        super()._enable_adapter_layers(enabled)
+        for name in self.denselora_encoder:
+            trainable = enabled and name in self.active_adapters and not self.peft_config[name].inference_mode
+            self._set_shared_requires_grad(name, trainable)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        for container in (self.denselora_encoder, self.denselora_decoder):
+            if adapter_name in container:
+                del container[adapter_name]
+
+    def _check_merge_allowed(self) -> None:
+        """Refuse before any layer is touched, so a failed merge never leaves a half-merged model."""
+        super()._check_merge_allowed()
+        for name in self.active_adapters:
+            activation = self.peft_config[name].activation
+            if (
+                activation != "identity"
+                and name in self.denselora_encoder
+                and len(self.denselora_encoder[name]) > 0
+            ):
+                raise nonlinear_merge_error(name, activation)
+
+    # --- loading: all or nothing ---------------------------------------------------------------------------------------
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(
+        cls, model: nn.Module, config: DenseLoraConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Map checkpoint keys to model keys, refusing any checkpoint that would load only partly.
+
+        peft loads with ``strict=False`` and warns about missing keys; an adapter with a missing or misshapen tensor
+        would then run with random weights, so every key and shape is checked before anything is loaded.
+        """
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        prefixes = _get_tuner_state_dict_key_prefixes(model, adapter_name=adapter_name)
+        expected = _filter_state_dict_by_key_prefixes(model.state_dict(), prefixes)
+        for key, tensor in remapped.items():
+            if key in expected and tuple(tensor.shape) != tuple(expected[key].shape):
+                raise ValueError(
+                    f"adapter does not match the base model: '{key}' has shape {tuple(tensor.shape)} in the adapter "
+                    f"but {tuple(expected[key].shape)} in the model"
+                )
+        missing = sorted(set(expected) - set(remapped))
+        unexpected = sorted(k for k in remapped if k not in expected and cls.prefix in k)
+        if missing or unexpected:
+            details = [f"{len(missing)} missing (e.g. '{missing[0]}')"] if missing else []
+            details += [f"{len(unexpected)} unexpected (e.g. '{unexpected[0]}')"] if unexpected else []
+            raise ValueError(f"adapter does not match the base model: {', '.join(details)} DenseLoRA weights")
+        return remapped
+
+
+def _name_matches(key: str, names: list[str] | set[str]) -> bool:
+    return any(key == name or key.endswith(f".{name}") for name in names)
+
+
+def _check_targets_exist(config: DenseLoraConfig, model: nn.Module) -> None:
+    """Every requested target must exist: a typo ('up_prj') is an error listing the Linear names that do exist."""
+    keys = [key for key, _ in model.named_modules() if key and not key.endswith(".base_layer")]
+    linear_types = (*supported_base_layer_types(), DenseLoraLayer)
+    linear_names = sorted(
+        {key.rsplit(".", 1)[-1] for key, module in model.named_modules() if isinstance(module, linear_types)}
+        - {"base_layer"}
+    )
+    targets = config.target_modules
+    if isinstance(targets, str):
+        if not any(re.fullmatch(targets, key) for key in keys):
+            raise ValueError(
+                f"target_modules regex {targets!r} matches no module; Linear modules: {linear_names}"
+            )
+        unknown = []
+    else:
+        unknown = sorted(
+            name for name in targets or [] if not any(_name_matches(key, [name]) for key in keys)
+        )
+    unknown += sorted(
+        name for name in config.lora_modules or [] if not any(_name_matches(k, [name]) for k in keys)
+    )
+    if unknown:
+        raise ValueError(f"unknown target modules {unknown}; Linear modules in this model: {linear_names}")
+
+
+def _add_peft_type(name: str) -> None:
+    """Add a member to peft's PeftType enum, which ``register_peft_method`` requires and has no API to extend."""
+    if name in PeftType.__members__:
+        return
+    member = str.__new__(PeftType, name)
+    member._name_ = name
+    member._value_ = name
+    member.__objclass__ = PeftType
+    type.__setattr__(PeftType, name, member)
+    PeftType._member_map_[name] = member
+    PeftType._member_names_.append(name)
+    PeftType._value2member_map_[name] = member
+
+
+def register() -> None:
+    """Make "DENSELORA" a peft method: get_peft_model, PeftModel.from_pretrained and PeftConfig all know it."""
+    from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
+
+    _add_peft_type("DENSELORA")
+    if PeftType.DENSELORA not in PEFT_TYPE_TO_TUNER_MAPPING:
+        register_peft_method(
+            name="denselora",
+            config_cls=DenseLoraConfig,
+            model_cls=DenseLoraModel,
+            prefix=DenseLoraModel.prefix,
+        )
