@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -27,6 +28,23 @@ ACTIVATION_FUNCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": F.silu,
     "tanh": torch.tanh,
 }
+
+
+_reference_only = False
+
+
+@contextmanager
+def reference_implementation(enabled: bool = True) -> Iterator[None]:
+    """Run DenseLoRA layers through the plain formula (``dense_delta``) instead of the fused fast path.
+
+    For checking the fast path and for benchmarks; the two compute the same function and the same gradients.
+    """
+    global _reference_only
+    previous, _reference_only = _reference_only, enabled
+    try:
+        yield
+    finally:
+        _reference_only = previous
 
 
 def supported_base_layer_types() -> tuple[type[nn.Module], ...]:
