@@ -20,6 +20,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check
 from torch import nn
 
 from .config import DenseLoraConfig
+from .fused import fused_dense_delta
 
 ACTIVATION_FUNCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu": F.gelu,
@@ -208,14 +209,14 @@ class Linear(nn.Module, DenseLoraLayer):
         if adapter not in self.denselora_M:
             return None
         encoder, decoder = self.shared.get(adapter, self.module_type)
-        return dense_delta(
-            x,
-            encoder.to(device, dtype),
-            self.denselora_M[adapter].to(device, dtype),
-            decoder.to(device, dtype),
-            self.activation[adapter],
-            self.denselora_dropout[adapter],
-            self.scaling[adapter],
+        middle, dropout = self.denselora_M[adapter], self.denselora_dropout[adapter]
+        activation, scaling = self.activation[adapter], self.scaling[adapter]
+        if _reference_only:
+            weights = (encoder.to(device, dtype), middle.to(device, dtype), decoder.to(device, dtype))
+            return dense_delta(x, *weights, activation, dropout, scaling)
+        p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+        return fused_dense_delta(
+            x, encoder.to(device), middle.to(device), decoder.to(device), activation, scaling, p
         )
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:

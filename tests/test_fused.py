@@ -1,0 +1,147 @@
+"""The fused fast path computes the reference formula's values and gradients, and keeps only r-dim tensors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_tiny_llama
+from peft import get_peft_model
+
+from dense_lora import DEFAULT_TARGET_MODULES, DenseLoraConfig
+from dense_lora.config import ACTIVATIONS
+from dense_lora.fused import SeededDropout, fused_dense_delta
+from dense_lora.layer import dense_delta, reference_implementation
+
+N, IN, OUT, R = 10, 48, 40, 6
+
+
+def weights(requires_grad: tuple[bool, bool, bool] = (True, True, True), dtype=torch.float32):
+    generator = torch.Generator().manual_seed(0)
+    shapes = ((R, IN), (R, R), (OUT, R))
+    return [
+        (torch.randn(shape, generator=generator) / 3).to(dtype).requires_grad_(grad)
+        for shape, grad in zip(shapes, requires_grad, strict=True)
+    ]
+
+
+def run(fn, x, params):
+    x = x.detach().clone().requires_grad_(True)
+    params = [p.detach().clone().requires_grad_(p.requires_grad) for p in params]
+    out = fn(x, *params)
+    (out * torch.linspace(-1, 1, out.shape[-1], dtype=out.dtype)).sum().backward()
+    return out, x.grad, [p.grad for p in params]
+
+
+def assert_same(fused, reference, **tolerance):
+    torch.testing.assert_close(fused[0], reference[0], **tolerance)
+    torch.testing.assert_close(fused[1], reference[1], **tolerance)
+    for got, want in zip(fused[2], reference[2], strict=True):
+        assert (got is None) == (want is None)
+        if want is not None:
+            torch.testing.assert_close(got, want, **tolerance)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("train_shared", [True, False])
+def test_fused_equals_reference_values_and_gradients(activation, train_shared):
+    x = torch.randn(2, N // 2, IN)
+    params = weights((train_shared, True, train_shared))
+    fused = run(lambda x, e, m, d: fused_dense_delta(x, e, m, d, activation, 1.5, 0.0), x, params)
+    reference = run(
+        lambda x, e, m, d: dense_delta(x, e, m, d, activation, torch.nn.Identity(), 1.5), x, params
+    )
+    assert_same(fused, reference, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "identity"])
+def test_fused_dropout_with_fixed_seed_equals_reference(activation):
+    """The fused path's masks are the reference's masks when both draw them from the same seed, in the same order."""
+    x = torch.randn(N, IN)
+    params = weights()
+    fused = run(lambda x, e, m, d: fused_dense_delta(x, e, m, d, activation, 2.0, 0.25, seed=11), x, params)
+    reference = run(
+        lambda x, e, m, d: dense_delta(x, e, m, d, activation, SeededDropout(11, 0.25, x.device), 2.0),
+        x,
+        params,
+    )
+    assert_same(fused, reference, rtol=1e-5, atol=1e-6)
+    # and the masks really drop: about a quarter of x's entries get no gradient
+    dropped = (fused[1] == 0).float().mean().item()
+    assert 0.1 < dropped < 0.4
+
+
+def test_fused_bf16_matches_reference_in_bf16():
+    x = torch.randn(N, IN, dtype=torch.bfloat16)
+    params = weights()  # float32 weights, bf16 compute
+    fused = run(lambda x, e, m, d: fused_dense_delta(x, e, m, d, "gelu", 2.0, 0.0), x, params)
+    bf16 = [p.detach().to(torch.bfloat16).requires_grad_() for p in params]
+    reference = run(lambda x, e, m, d: dense_delta(x, e, m, d, "gelu", torch.nn.Identity(), 2.0), x, bf16)
+    assert fused[0].dtype == torch.bfloat16 and all(g.dtype == torch.float32 for g in fused[2])
+    torch.testing.assert_close(fused[0], reference[0], rtol=2e-2, atol=2e-2)
+    for got, want in zip(fused[2], reference[2], strict=True):
+        torch.testing.assert_close(got, want.float(), rtol=3e-2, atol=3e-2)
+
+
+def saved_bytes(fn, x, params) -> int:
+    """Bytes autograd keeps for backward, each storage once, parameters excluded."""
+    param_storages = {p.untyped_storage().data_ptr() for p in params}
+    storages: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in param_storages:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(x, *params)
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_fused_keeps_only_x_and_two_rank_dim_tensors(p):
+    x = torch.randn(N, IN, dtype=torch.bfloat16, requires_grad=True)
+    params = weights()
+    with torch.random.fork_rng():
+        fused = saved_bytes(
+            lambda x, e, m, d: fused_dense_delta(x, e, m, d, "gelu", 2.0, p, seed=3), x, params
+        )
+    assert fused == x.numel() * 2 + 2 * N * R * 2  # x (bf16, not copied) + a and u (bf16), no masks
+    dropout = SeededDropout(3, p, x.device) if p else torch.nn.Identity()
+    reference = saved_bytes(
+        lambda x, e, m, d: dense_delta(x, e.bfloat16(), m.bfloat16(), d.bfloat16(), "gelu", dropout, 2.0),
+        x,
+        params,
+    )
+    assert fused < reference
+
+
+@pytest.mark.parametrize(
+    "overrides", [{}, {"train_shared": False}, {"activation": "identity"}, {"lora_modules": ["v_proj"]}]
+)
+def test_model_gradients_fused_equal_reference(overrides, tiny_inputs):
+    config = dict(
+        r=8, lora_alpha=16, target_modules=list(DEFAULT_TARGET_MODULES), init_weights=False, init_seed=0
+    )
+    model = get_peft_model(make_tiny_llama(), DenseLoraConfig(**config, **overrides))
+    grads = []
+    for reference in (False, True):
+        model.zero_grad()
+        with reference_implementation(reference):
+            loss = model(**tiny_inputs, labels=tiny_inputs["input_ids"]).loss
+            loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-7)
+
+
+def test_fused_under_autocast_and_backward_inside_autocast(tiny_inputs):
+    model = get_peft_model(
+        make_tiny_llama(), DenseLoraConfig(r=8, target_modules=["q_proj", "down_proj"], init_weights=False)
+    )
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(**tiny_inputs, labels=tiny_inputs["input_ids"]).loss
+        loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
