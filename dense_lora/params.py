@@ -9,6 +9,7 @@ Shares are relative to the base model's parameter count (the convention of the p
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -82,4 +83,5 @@ def main(
 
 
 if __name__ == "__main__":
+    warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecation notices, not ours
     fire.Fire(main)
