@@ -45,7 +45,7 @@ from dense_lora.data import COMMONSENSE_DATASETS, canonical_dataset_name
 EXTRACTIONS = ("llm-adapters", "strict")
 MATH_TOLERANCE = 0.001
 
-_OPTION_PATTERNS = {
+OPTION_PATTERNS = {
     "boolq": "true|false",
     "piqa": "solution1|solution2",
     "social_i_qa": "answer1|answer2|answer3|answer4|answer5",
@@ -129,10 +129,10 @@ def extract_answer(dataset: str, text: str, extraction: str = "llm-adapters") ->
     _check_extraction(extraction)
     name = canonical_dataset_name(dataset)
     strict = extraction == "strict"
-    if name in _OPTION_PATTERNS:
+    if name in OPTION_PATTERNS:
         if strict:
-            return _strict_option(_OPTION_PATTERNS[name], text)
-        matches = re.findall(_OPTION_PATTERNS[name], text.strip())
+            return _strict_option(OPTION_PATTERNS[name], text)
+        matches = re.findall(OPTION_PATTERNS[name], text.strip())
         return matches[0] if matches else ""
     if name in _LETTER_DATASETS:
         if strict:

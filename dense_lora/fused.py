@@ -9,22 +9,27 @@ gets only what it cannot cheaply recompute:
 - one integer seed: the three dropout masks are regenerated from it in backward instead of being stored.
 
 Backward recomputes the decoder product ``z = W_d u`` (an r x out GEMM, as cheap as the forward one) to get the
-activation's derivative. Everything runs in the input's dtype (bf16 GEMMs on bf16 models); weight gradients are
-returned in the weights' dtype.
+activation's derivative. The residual add is part of the function: forward writes ``base + s * y`` in one pass and
+backward hands the incoming gradient to the base output untouched, applying ``s`` to r-dim tensors only; the out-dim
+work left is the activation and its derivative. Everything runs in the input's dtype (bf16 GEMMs on bf16 models);
+weight gradients are returned in the weights' dtype.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
 
-_FORWARD = {
-    "gelu": F.gelu,
+_ACTIVATION_INPLACE = {
+    "gelu": torch.ops.aten.gelu_,
     "identity": None,
-    "relu": F.relu,
-    "silu": F.silu,
-    "tanh": torch.tanh,
+    "relu": torch.relu_,
+    "silu": lambda t: F.silu(t, inplace=True),
+    "tanh": torch.tanh_,
 }
+_ACTIVATION = {"gelu": F.gelu, "identity": None, "relu": F.relu, "silu": F.silu, "tanh": torch.tanh}
 
 
 def _activation_backward(activation: str, grad: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
@@ -61,43 +66,43 @@ class SeededDropout:
 
 class _DenseLoraFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, encoder, middle, decoder, activation, scaling, p, seed):
+    def forward(ctx, base, x, encoder, middle, decoder, activation, scaling, p, seed):
         dtype = x.dtype
         enc, mid, dec = encoder.to(dtype), middle.to(dtype), decoder.to(dtype)
-        act = _FORWARD[activation]
         flat = x.reshape(-1, x.shape[-1])
         dropout = SeededDropout(seed, p, x.device) if p > 0 else None
-        x_in = dropout(flat) if dropout else flat
-        a = x_in @ enc.t()
+        a = (dropout(flat) if dropout else flat) @ enc.t()
+        act = _ACTIVATION[activation]
         h = act(a) if act else a
         if dropout:
             h = dropout(h)
         u = h @ mid.t()
         y = u @ dec.t()
-        if act:
-            y = act(y)
+        act_ = _ACTIVATION_INPLACE[activation]
+        if act_:
+            y = act_(y)
         if dropout:
             y = dropout(y)
         ctx.save_for_backward(x, a, u, encoder, middle, decoder)
         ctx.activation, ctx.scaling, ctx.p, ctx.seed = activation, scaling, p, seed
-        return (y * scaling).reshape(*x.shape[:-1], -1)
+        return torch.add(base, y.reshape(*base.shape).to(base.dtype), alpha=scaling)
 
     @staticmethod
     def backward(ctx, grad_output):
         # loss.backward() may be called inside an autocast region: keep backward in forward's dtypes
-        with torch.autocast(grad_output.device.type, enabled=False):
-            return _DenseLoraFunction._backward(ctx, grad_output)
+        with _autocast_disabled(grad_output.device.type):
+            return (grad_output, *_DenseLoraFunction._adapter_backward(ctx, grad_output))
 
     @staticmethod
-    def _backward(ctx, grad_output):
+    def _adapter_backward(ctx, grad_output):
         x, a, u, encoder, middle, decoder = ctx.saved_tensors
-        activation, p = ctx.activation, ctx.p
+        activation, p, scaling = ctx.activation, ctx.p, ctx.scaling
         dtype = x.dtype
         enc, mid, dec = encoder.to(dtype), middle.to(dtype), decoder.to(dtype)
-        need_x, need_enc, need_mid, need_dec = ctx.needs_input_grad[:4]
+        need_x, need_enc, need_mid, need_dec = ctx.needs_input_grad[1:5]
         flat = x.reshape(-1, x.shape[-1])
-        grad = grad_output.reshape(-1, grad_output.shape[-1]).to(dtype) * ctx.scaling
-        act = _FORWARD[activation]
+        grad = grad_output.reshape(-1, grad_output.shape[-1]).to(dtype)  # d loss / d y, times 1/s
+        act = _ACTIVATION[activation]
         if p > 0:
             # replay forward's masks in forward's order: x, then hidden, then output
             dropout = SeededDropout(ctx.seed, p, x.device)
@@ -105,8 +110,8 @@ class _DenseLoraFunction(torch.autograd.Function):
             grad = grad * dropout.mask(grad)
         if act:
             grad = _activation_backward(activation, grad, u @ dec.t())
-        grad_dec = grad.t() @ u if need_dec else None
-        grad_u = grad @ dec
+        grad_dec = (grad.t() @ u).mul_(scaling) if need_dec else None
+        grad_u = (grad @ dec).mul_(scaling)
         h = act(a) if act else a
         if p > 0:
             h = h * mask_h
@@ -137,7 +142,15 @@ class _DenseLoraFunction(torch.autograd.Function):
         )
 
 
-def fused_dense_delta(
+def _autocast_disabled(device_type: str):
+    """Autocast off for this device type (a no-op where autocast does not exist, e.g. the meta device)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return nullcontext()
+
+
+def fused_dense_add(
+    base: torch.Tensor,
     x: torch.Tensor,
     encoder: torch.Tensor,
     middle: torch.Tensor,
@@ -147,15 +160,16 @@ def fused_dense_delta(
     p: float,
     seed: int | None = None,
 ) -> torch.Tensor:
-    """The DenseLoRA update ``s * drop(act(W_d M drop(act(W_e drop(x)))))`` in the dtype autocast or x asks for.
+    """``base + s * drop(act(W_d M drop(act(W_e drop(x)))))``, computed in the dtype autocast or x asks for.
 
-    ``p`` is the dropout probability in effect (0 in eval mode). The dropout seed comes from torch's CPU RNG when not
-    given, so ``torch.manual_seed`` makes runs reproducible without a device synchronisation.
+    ``base`` is the frozen layer's output; the result has its dtype. ``p`` is the dropout probability in effect
+    (0 in eval mode). The dropout seed comes from torch's CPU RNG when not given, so ``torch.manual_seed`` makes
+    runs reproducible without a device synchronisation.
     """
     device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         x = x.to(torch.get_autocast_dtype(device_type))
     if p > 0 and seed is None:
         seed = int(torch.randint(0, 2**62, (1,)).item())
-    with torch.autocast(device_type, enabled=False):
-        return _DenseLoraFunction.apply(x, encoder, middle, decoder, activation, scaling, p, seed or 0)
+    with _autocast_disabled(device_type):
+        return _DenseLoraFunction.apply(base, x, encoder, middle, decoder, activation, scaling, p, seed or 0)

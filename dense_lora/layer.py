@@ -20,7 +20,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check
 from torch import nn
 
 from .config import DenseLoraConfig
-from .fused import fused_dense_delta
+from .fused import fused_dense_add
 
 ACTIVATION_FUNCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu": F.gelu,
@@ -194,29 +194,31 @@ class Linear(nn.Module, DenseLoraLayer):
         if self.merged:
             return result
         for adapter in self.active_adapters:
-            delta = self._adapter_delta(adapter, x)
-            if delta is not None:
-                result = result + delta.to(result.dtype)
+            result = self._add_adapter_update(adapter, x, result)
         return result
 
-    def _adapter_delta(self, adapter: str, x: torch.Tensor) -> torch.Tensor | None:
-        """The adapter's update in the input's dtype (weights are cast, so bf16/fp16 and autocast both work)."""
+    def _add_adapter_update(self, adapter: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """result + the adapter's update, computed in the input's dtype (bf16/fp16 and autocast both work)."""
+        if adapter not in self.denselora_A and adapter not in self.denselora_M:
+            return result
         dtype, device = x.dtype, x.device
+        dropout = self.denselora_dropout[adapter]
         if adapter in self.denselora_A:
             lora_a = self.denselora_A[adapter].to(device, dtype)
             lora_b = self.denselora_B[adapter].to(device, dtype)
-            return lora_delta(x, lora_a, lora_b, self.denselora_dropout[adapter], self.scaling[adapter])
-        if adapter not in self.denselora_M:
-            return None
+            return result + lora_delta(x, lora_a, lora_b, dropout, self.scaling[adapter]).to(result.dtype)
         encoder, decoder = self.shared.get(adapter, self.module_type)
-        middle, dropout = self.denselora_M[adapter], self.denselora_dropout[adapter]
-        activation, scaling = self.activation[adapter], self.scaling[adapter]
+        middle, activation, scaling = (
+            self.denselora_M[adapter],
+            self.activation[adapter],
+            self.scaling[adapter],
+        )
         if _reference_only:
             weights = (encoder.to(device, dtype), middle.to(device, dtype), decoder.to(device, dtype))
-            return dense_delta(x, *weights, activation, dropout, scaling)
+            return result + dense_delta(x, *weights, activation, dropout, scaling).to(result.dtype)
         p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
-        return fused_dense_delta(
-            x, encoder.to(device), middle.to(device), decoder.to(device), activation, scaling, p
+        return fused_dense_add(
+            result, x, encoder.to(device), middle.to(device), decoder.to(device), activation, scaling, p
         )
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:

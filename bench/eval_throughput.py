@@ -1,0 +1,125 @@
+"""Throughput of the LLM-Adapters evaluation protocol vs this repo's fast path, on real test data.
+
+    OMP_NUM_THREADS=1 python bench/eval_throughput.py --model smollm2 --datasets boolq,piqa --per_dataset 16
+
+Three decodes of the same prompts (first `per_dataset` records of each test set), timed end to end:
+
+* protocol: one example at a time, 4-beam search, `max_new_tokens` (what the published numbers used);
+* batch-1 greedy: one example at a time, greedy, full length (the reference for agreement);
+* fast: length-sorted left-padded batches of `batch_size`, greedy, KV cache, per-row EOS and early stop.
+
+Prints examples/s of protocol and fast, the speedup, and how many fast predictions equal batch-1 greedy
+(and how many fast responses are a prefix of the batch-1 response, which also checks the early-stopped
+text). The numbers go to bench/RESULTS_eval.md by hand, with the machine and command.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from collections.abc import Callable, Sequence
+
+import fire
+import torch
+
+from dense_lora.answers import extract_answer
+from dense_lora.data import (
+    benchmark_test_file,
+    canonical_dataset_name,
+    generate_eval_prompt,
+    load_test_records,
+)
+from dense_lora.evaluate import EvalSettings, load_model, stop_rule
+from dense_lora.generation import generate_batch, generate_planned, plan_batches
+
+
+def _timed(step: Callable[[], list[str]]) -> tuple[list[str], float]:
+    started = time.perf_counter()
+    responses = step()
+    return responses, time.perf_counter() - started
+
+
+def main(
+    model: str = "smollm2",
+    datasets: str | Sequence[str] = "boolq,piqa",
+    per_dataset: int = 16,
+    batch_size: int = 32,
+    max_new_tokens: int = 128,
+    lora_weights: str | None = None,
+) -> None:
+    """Run the three decodes and print a JSON summary (see the module docstring)."""
+    names = [
+        canonical_dataset_name(n) for n in (datasets.split(",") if isinstance(datasets, str) else datasets)
+    ]
+    loaded, tokenizer = load_model(
+        model, lora_weights, dtype="float32", load_8bit=False, load_4bit=False, device=torch.device("cpu")
+    )
+    prompts, owners = [], []
+    for name in names:
+        for record in load_test_records(benchmark_test_file(name))[:per_dataset]:
+            prompts.append(generate_eval_prompt(record["instruction"]))
+            owners.append(name)
+
+    def one_by_one(beams: int) -> list[str]:
+        return [
+            generate_batch(loaded, tokenizer, [p], max_new_tokens=max_new_tokens, num_beams=beams)[0]
+            for p in prompts
+        ]
+
+    def fast() -> list[str]:
+        lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
+        out: dict[int, str] = {}
+        for name in names:  # the stop rule depends on the benchmark's extractor
+            mine = [i for i, owner in enumerate(owners) if owner == name]
+            settings = EvalSettings(name, model, None, None, "", "float32", False, False, 1, max_new_tokens,
+                                    batch_size, True, None, "llm-adapters", 0)  # fmt: skip
+            plan = [
+                [mine[j] for j in batch] for batch in plan_batches([lengths[i] for i in mine], batch_size)
+            ]
+            rule = stop_rule("commonsense", name, settings)
+            for batch in generate_planned(
+                loaded, tokenizer, prompts, plan, max_new_tokens=max_new_tokens, is_final=rule
+            ):
+                out.update(batch)
+        return [out[i] for i in range(len(prompts))]
+
+    fast_out, fast_s = _timed(fast)
+    greedy_out, greedy_s = _timed(lambda: one_by_one(1))
+    protocol_out, protocol_s = _timed(lambda: one_by_one(4))
+
+    def predictions(responses: list[str]) -> list[str | float]:
+        return [extract_answer(owner, text) for owner, text in zip(owners, responses, strict=True)]
+
+    n = len(prompts)
+    same_prediction = sum(a == b for a, b in zip(predictions(fast_out), predictions(greedy_out), strict=True))
+    prefix = sum(g.startswith(f) for f, g in zip(fast_out, greedy_out, strict=True))
+    summary = {
+        "examples": n,
+        "datasets": names,
+        "max_new_tokens": max_new_tokens,
+        "batch_size": batch_size,
+        "threads": torch.get_num_threads(),
+        "protocol_examples_per_s": round(n / protocol_s, 4),
+        "batch1_greedy_examples_per_s": round(n / greedy_s, 4),
+        "fast_examples_per_s": round(n / fast_s, 4),
+        "speedup_vs_protocol": round(protocol_s / fast_s, 2),
+        "speedup_vs_batch1_greedy": round(greedy_s / fast_s, 2),
+        "fast_equal_to_batch1_greedy_predictions_pct": round(100 * same_prediction / n, 2),
+        "fast_response_prefix_of_batch1_pct": round(100 * prefix / n, 2),
+        "protocol_equal_to_batch1_greedy_predictions_pct": round(
+            100
+            * sum(a == b for a, b in zip(predictions(protocol_out), predictions(greedy_out), strict=True))
+            / n,
+            2,
+        ),
+        "mean_fast_response_chars": round(sum(map(len, fast_out)) / n, 1),
+        "mean_batch1_response_chars": round(sum(map(len, greedy_out)) / n, 1),
+        "cpu": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+    }
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    fire.Fire(main)

@@ -1,0 +1,919 @@
+"""Training-step benchmark: DenseLoRA against peft LoRA / DoRA and the frozen base, at the same r and targets.
+
+One invocation compares every requested method on the same model shape, dtype, batch and sequence length and
+reports, per method: median forward+backward time (with its ratio to LoRA measured in the same run), FLOPs of
+one step, bytes the autograd graph saves for backward (per token, and over the frozen base), peak memory and
+the number of trainable parameters. See bench/README.md for what each column means and its caveats.
+
+Why the measurements are taken the way they are:
+
+* Timing interleaves methods (one step of each, in a rotated order, per repeat) inside one process, so drift in
+  machine load and CPU frequency hits every method alike; ratios to LoRA are the numbers to compare across runs.
+* Saved-for-backward bytes are counted with ``torch.autograd.graph.saved_tensors_hooks`` and deduplicated by
+  storage: many ops save views of one buffer (q/k/v transposes, the same normed input seen by q, k and v), and
+  what costs memory is the buffer, once. Parameters and buffers of the model are excluded: they are resident
+  anyway, so only activations (and per-step copies such as dtype casts of weights) are counted.
+* Peak memory on CPU is the process RSS high-water mark, which is per process and never goes down, so each
+  method is measured in a fresh subprocess; on CUDA it is ``torch.cuda.max_memory_allocated``.
+* ``*-shape`` models (published LLaMA configs, random weights) are built on the meta device when no GPU is
+  present: FLOPs, saved bytes and parameter counts are then exact without allocating a single weight.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import datetime as dt
+import json
+import os
+import platform
+import random
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # run as `python bench/train_step.py` from anywhere
+    sys.path.insert(0, str(REPO_ROOT))
+
+import dense_lora  # noqa: E402  (registers the DENSELORA peft type)
+from dense_lora.layer import reference_implementation  # noqa: E402
+
+METHODS = ("denselora", "denselora-reference", "lora", "dora", "frozen")
+MODELS = ("tiny", "smollm2", "llama3-8b-shape", "llama2-7b-shape")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+BASELINE = "lora"  # ratios are reported against this method
+FROZEN = "frozen"  # "over the frozen base" subtracts this method
+DEFAULT_RESULTS = REPO_ROOT / "bench" / "RESULTS.md"
+KIB = 1024
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Settings and model construction
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Settings:
+    """Everything that decides what is measured; stored in the JSON so a row can be reproduced."""
+
+    model: str = "tiny"
+    r: int = 32
+    lora_alpha: float = 64.0
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    dtype: str = "bf16"
+    batch: int = 2
+    seq: int = 128
+    checkpointing: bool = False
+    repeats: int = 10
+    warmup: int = 3
+    seed: int = 0
+    device: str = "cpu"
+    peak_tflops: float = 989.0
+    threads: int = 0  # torch CPU threads; 0 keeps torch's default
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+def tiny_config() -> Any:
+    """A small LLaMA with GQA and distinct hidden / intermediate / kv widths (like tests' make_tiny_llama)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+
+
+def uses_meta(settings: Settings) -> bool:
+    """Shape models without a GPU are only counted (on meta), never run for time or memory."""
+    return settings.model.endswith("-shape") and settings.device == "cpu"
+
+
+def build_base(settings: Settings) -> nn.Module:
+    """The frozen base model in the benchmark dtype and device, in train mode, with fixed weights.
+
+    Every method gets its own copy of the same weights (deep copies of one build), so differences between
+    methods never come from different initialisations.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from dense_lora.models import build_model_on_meta, published_config, smollm2_path
+
+    torch.manual_seed(settings.seed)
+    if settings.model == "tiny":
+        model = AutoModelForCausalLM.from_config(tiny_config()).to(settings.torch_dtype)
+    elif settings.model == "smollm2":
+        model = AutoModelForCausalLM.from_pretrained(smollm2_path(), dtype=settings.torch_dtype)
+    elif settings.model.endswith("-shape"):
+        config = published_config(settings.model.removesuffix("-shape"))
+        if uses_meta(settings):
+            model = build_model_on_meta(config).to(settings.torch_dtype)
+        else:
+            with torch.device(settings.device):
+                model = AutoModelForCausalLM.from_config(config, dtype=settings.torch_dtype)
+    else:
+        raise ValueError(f"unknown model {settings.model!r}; use one of {', '.join(MODELS)}")
+    if not uses_meta(settings):
+        model = model.to(settings.device)
+    model.requires_grad_(False)
+    return model.train()  # checkpointing is only active in train mode; dropout is 0 everywhere
+
+
+def attach_method(base: nn.Module, method: str, settings: Settings) -> nn.Module:
+    """Wrap a copy-owned base with the method's adapter (same r, alpha, QKVUD targets, zero dropout).
+
+    Gradient checkpointing is enabled before wrapping, as a training script would; transformers then makes the
+    embedding output require grad, which the non-reentrant checkpoint does not need but real runs have.
+    The frozen method gets no adapter, and its embedding output requires grad so backward still runs through
+    every layer (activation gradients only): the cost any adapter pays before adding its own.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    if settings.checkpointing:
+        base.gradient_checkpointing_enable()
+    targets = list(dense_lora.DEFAULT_TARGET_MODULES)
+    torch.manual_seed(settings.seed + 1)
+    if method == FROZEN:
+        base.enable_input_require_grads()
+        return base
+    if method in ("denselora", "denselora-reference"):
+        config = dense_lora.DenseLoraConfig(
+            r=settings.r, lora_alpha=settings.lora_alpha, target_modules=targets, init_seed=settings.seed
+        )
+    elif method in ("lora", "dora"):
+        config = LoraConfig(
+            r=settings.r,
+            lora_alpha=settings.lora_alpha,
+            target_modules=targets,
+            lora_dropout=0.0,
+            use_dora=method == "dora",
+        )
+    else:
+        raise ValueError(f"unknown method {method!r}; use any of {', '.join(METHODS)}")
+    model = get_peft_model(base, config)
+    return model.train()
+
+
+def method_context(method: str) -> contextlib.AbstractContextManager[None]:
+    """The reference variant runs the same DenseLoRA model through the plain formula."""
+    return reference_implementation() if method == "denselora-reference" else contextlib.nullcontext()
+
+
+def real_token_rows(settings: Settings, vocab_size: int) -> torch.Tensor | None:
+    """Token ids of real training text (BoolQ prompts as LLM-Adapters formats them) for SmolLM2, else None.
+
+    Real text matters little for dense compute but keeps the embedding-gather pattern and the loss realistic.
+    Examples are concatenated (EOS between them) and cut into rows, so every position is a real token.
+    """
+    if settings.model != "smollm2":
+        return None
+    try:
+        from dense_lora.data import generate_train_prompt, load_records
+        from dense_lora.models import load_tokenizer, smollm2_path
+
+        records = load_records("dataset/boolq/train.json")
+        tokenizer = load_tokenizer(smollm2_path())
+    except (ImportError, FileNotFoundError, ValueError) as error:
+        print(f"[bench] real text unavailable ({error}); using random token ids", file=sys.stderr)
+        return None
+    order = random.Random(settings.seed).sample(range(len(records)), k=min(len(records), 200))
+    stream: list[int] = []
+    for index in order:
+        stream += tokenizer(generate_train_prompt(records[index]))["input_ids"] + [tokenizer.eos_token_id]
+        if len(stream) >= settings.tokens:
+            break
+    ids = torch.tensor(stream[: settings.tokens]).view(settings.batch, settings.seq)
+    return ids if int(ids.max()) < vocab_size else None
+
+
+def make_batch(settings: Settings, vocab_size: int) -> dict[str, torch.Tensor]:
+    """input_ids / labels (labels = inputs, the causal-LM loss shifts them); random ids with a fixed seed
+    when no real text applies."""
+    ids = real_token_rows(settings, vocab_size)
+    if ids is None:
+        generator = torch.Generator().manual_seed(settings.seed)
+        ids = torch.randint(3, vocab_size, (settings.batch, settings.seq), generator=generator)
+    device = "meta" if uses_meta(settings) else settings.device
+    ids = ids.to(device)
+    return {"input_ids": ids, "labels": ids.clone()}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One training step and what it costs
+# ----------------------------------------------------------------------------------------------------------
+
+
+def train_step(model: nn.Module, batch: dict[str, torch.Tensor], method: str) -> float:
+    """Forward + backward of the causal-LM loss. Gradients are dropped before the step (as
+    ``zero_grad(set_to_none=True)`` does), so allocating them is part of every step."""
+    for param in model.parameters():
+        param.grad = None
+    with method_context(method):
+        loss = model(**batch).loss
+        loss.backward()
+    return float(loss.detach().float()) if loss.device.type != "meta" else float("nan")
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def trainable_parameters(model: nn.Module) -> tuple[int, dict[str, int]]:
+    """Trainable parameter count and how many of them are in each dtype (peft upcasts adapters to fp32)."""
+    by_dtype: dict[str, int] = defaultdict(int)
+    for param in model.parameters():
+        if param.requires_grad:
+            by_dtype[str(param.dtype).removeprefix("torch.")] += param.numel()
+    return sum(by_dtype.values()), dict(by_dtype)
+
+
+def count_flops(model: nn.Module, batch: dict[str, torch.Tensor], method: str) -> int:
+    """FLOPs of one forward+backward as torch's FlopCounterMode counts them (matmuls and attention; CPU's
+    flash-attention kernel is counted with the same formula as the CUDA one, see ``_cpu_sdpa_mapping``)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False, custom_mapping=_cpu_sdpa_mapping()) as counter:
+        train_step(model, batch, method)
+    return int(counter.get_total_flops())
+
+
+def _cpu_sdpa_mapping() -> dict[Any, Callable[..., int]]:
+    """FlopCounterMode knows the CUDA SDPA kernels but not ``_scaled_dot_product_flash_attention_for_cpu``,
+    which would make attention free on CPU; count it (forward and backward) like the CUDA flash kernel."""
+    from torch.utils import flop_counter as fc
+
+    aten = torch.ops.aten
+    mapping: dict[Any, Callable[..., int]] = {}
+    forward = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    backward = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+    if forward is not None:
+
+        def forward_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+            return fc.sdpa_flop_count(query, key, value)  # FlopCounterMode passes shapes, not tensors
+
+        mapping[forward] = forward_flops
+    if backward is not None:
+
+        def backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+            return fc.sdpa_backward_flop_count(grad_out, query, key, value)
+
+        mapping[backward] = backward_flops
+    return mapping
+
+
+@dataclass
+class SavedTensor:
+    """One storage saved for backward: where (module), what (shape/dtype), and which autograd nodes hold it."""
+
+    nbytes: int
+    shape: list[int]
+    dtype: str
+    module: str
+    token_shaped: bool
+    nodes: list[str] = field(default_factory=list)
+
+
+def _storage_key(tensor: torch.Tensor) -> tuple[str, int]:
+    """Identity of the underlying storage: its data pointer, or on meta (where every pointer is 0) the address
+    of the StorageImpl, which is just as unique while the tensor is alive."""
+    storage = tensor.untyped_storage()
+    if tensor.device.type == "meta":
+        return ("meta", storage._cdata)
+    return (str(tensor.device), storage.data_ptr())
+
+
+class ModuleTracker:
+    """Names the innermost module whose forward is running, to attribute each saved tensor to a module."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.stack: list[str] = []
+        self.handles = []
+        for name, module in model.named_modules():
+            self.handles.append(module.register_forward_pre_hook(self._enter(name)))
+            self.handles.append(module.register_forward_hook(self._leave(name), always_call=True))
+
+    def _enter(self, name: str) -> Callable[..., None]:
+        def hook(*_: Any) -> None:
+            self.stack.append(name)
+
+        return hook
+
+    def _leave(self, name: str) -> Callable[..., None]:
+        def hook(*_: Any) -> None:
+            if self.stack and self.stack[-1] == name:
+                self.stack.pop()
+
+        return hook
+
+    @property
+    def current(self) -> str:
+        return self.stack[-1] if self.stack else "<outside modules>"
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def measure_saved(
+    model: nn.Module, batch: dict[str, torch.Tensor], settings: Settings, method: str, attribute_ops: bool
+) -> dict[str, Any]:
+    """Bytes saved for backward by one forward, each storage counted once, parameters and buffers excluded.
+
+    ``attribute_ops`` also walks the autograd graph afterwards, unpacking each node's saved tensors to learn
+    which op (node type) holds which storage. That walk is skipped with checkpointing: unpacking a tensor saved
+    inside a checkpointed region would trigger its recomputation.
+    """
+    resident = {_storage_key(t) for t in (*model.parameters(), *model.buffers())}
+    tokens = settings.tokens
+    storages: dict[tuple[str, int], SavedTensor] = {}
+    packed: list[tuple[torch.Tensor, tuple[str, int] | None]] = []
+    probe: list[int] = []
+    tracker = ModuleTracker(model)
+
+    naive = {"per_save_tensor_bytes": 0, "per_save_storage_bytes": 0, "including_parameters": 0}
+
+    def pack(tensor: torch.Tensor) -> int:
+        key = _storage_key(tensor)
+        # Undeduplicated sums, only to compare with counts made that way (see README, "validation").
+        naive["including_parameters"] += tensor.numel() * tensor.element_size()
+        if key in resident:
+            packed.append((tensor, None))
+        else:
+            naive["per_save_tensor_bytes"] += tensor.numel() * tensor.element_size()
+            naive["per_save_storage_bytes"] += tensor.untyped_storage().nbytes()
+            packed.append((tensor, key))
+            if key not in storages:
+                shape = list(tensor.shape)
+                storages[key] = SavedTensor(
+                    nbytes=tensor.untyped_storage().nbytes(),
+                    shape=shape,
+                    dtype=str(tensor.dtype).removeprefix("torch."),
+                    module=tracker.current,
+                    # heuristic: activations have a token-count or sequence-length dimension, weights do not
+                    token_shaped=bool(shape) and (shape[0] == tokens or settings.seq in shape),
+                )
+        return len(packed) - 1
+
+    def unpack(index: int) -> torch.Tensor:
+        probe.append(index)
+        return packed[index][0]
+
+    for param in model.parameters():
+        param.grad = None
+    try:
+        with method_context(method), torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            loss = model(**batch).loss
+    finally:
+        tracker.remove()
+    if attribute_ops and not settings.checkpointing:
+        _attribute_nodes(loss.grad_fn, packed, storages, probe)
+    with method_context(method):
+        loss.backward()  # frees the graph (and checks the step still works under the hooks)
+    for param in model.parameters():
+        param.grad = None
+    total = sum(s.nbytes for s in storages.values())
+    fixed = sum(s.nbytes for s in storages.values() if not s.token_shaped)
+    return {
+        "saved_bytes": total,
+        "saved_bytes_fixed": fixed,
+        "saved_storages": len(storages),
+        "saved_bytes_per_token": total / tokens,
+        "naive_bytes_per_token": {name: value / tokens for name, value in naive.items()},
+        "tensors": [asdict(s) for s in storages.values()],
+    }
+
+
+def _attribute_nodes(
+    root: Any,
+    packed: list[tuple[torch.Tensor, tuple[str, int] | None]],
+    storages: dict[tuple[str, int], SavedTensor],
+    probe: list[int],
+) -> None:
+    """Visit every autograd node once and record its type name on each storage it saved."""
+    seen: set[int] = set()
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        probe.clear()
+        names = [n for n in dir(node) if n.startswith("_saved_")] + (
+            ["saved_tensors"] if hasattr(node, "saved_tensors") else []
+        )
+        for name in names:
+            with contextlib.suppress(Exception):
+                getattr(node, name)
+        for index in probe:
+            key = packed[index][1]
+            if key is not None and node.name() not in storages[key].nodes:
+                storages[key].nodes.append(node.name())
+        stack.extend(next_node for next_node, _ in node.next_functions)
+
+
+def summarize_saved(tensors: list[dict[str, Any]], tokens: int, layer_filter: str) -> list[dict[str, Any]]:
+    """Group the saved storages of the modules whose name contains ``layer_filter`` by (module, node, shape)."""
+    rows = []
+    for t in tensors:
+        if layer_filter and layer_filter not in t["module"]:
+            continue
+        rows.append(
+            {
+                "module": t["module"].split(layer_filter, 1)[-1] if layer_filter else t["module"],
+                "nodes": "+".join(t["nodes"]) or "?",
+                "shape": "x".join(map(str, t["shape"])),
+                "dtype": t["dtype"],
+                "bytes_per_token": t["nbytes"] / tokens,
+            }
+        )
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Peak memory
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _read_status_kib(field_name: str) -> int | None:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    return None
+
+
+def _reset_rss_peak() -> bool:
+    """Linux resets VmHWM to the current RSS on writing 5 to /proc/self/clear_refs (since 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_memory_probe(settings: Settings, method: str, steps: int = 2) -> dict[str, Any]:
+    """Peak memory of ``steps`` training steps of one method, measured in this (fresh) process.
+
+    CUDA: bytes allocated at the peak, over what the model held before the step. CPU: RSS high-water, both
+    absolute (the whole process: Python, libraries, weights) and over the RSS right before the first step
+    (what the step itself needs, subject to allocator caching; see README).
+    """
+    base = build_base(settings)
+    model = attach_method(base, method, settings)
+    batch = make_batch(
+        settings, model.config.vocab_size if hasattr(model, "config") else base.config.vocab_size
+    )
+    if settings.device.startswith("cuda"):
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        for _ in range(steps):
+            train_step(model, batch, method)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        return {"peak_mib": peak / 2**20, "step_peak_mib": (peak - before) / 2**20, "kind": "cuda_allocated"}
+    before_kib = _read_status_kib("VmRSS") or 0
+    reset = _reset_rss_peak()
+    for _ in range(steps):
+        train_step(model, batch, method)
+    peak_kib = _read_status_kib("VmHWM") or 0
+    return {
+        "peak_mib": peak_kib / KIB,
+        "step_peak_mib": (peak_kib - before_kib) / KIB if reset else None,
+        "kind": "rss_hwm",
+    }
+
+
+def peak_memory_in_subprocess(settings: Settings, method: str) -> dict[str, Any]:
+    """Run ``peak_memory_probe`` in a new interpreter: RSS peaks of earlier methods would otherwise mask this one."""
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--_probe_memory",
+        method,
+        "--_settings",
+        json.dumps(asdict(settings)),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        print(f"[bench] memory probe for {method} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
+        return {"peak_mib": None, "step_peak_mib": None, "kind": "failed"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The benchmark
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MethodResult:
+    method: str
+    checkpointing: bool
+    trainable_params: int
+    trainable_by_dtype: dict[str, int]
+    flops: int
+    saved_bytes_per_token: float
+    saved_bytes_fixed: int
+    saved_storages: int
+    naive_saved_bytes_per_token: dict[str, float]
+    step_times_s: list[float] = field(default_factory=list)
+    median_step_s: float | None = None
+    min_step_s: float | None = None  # the least-disturbed step: a second view when the machine is shared
+    ratio_to_lora: float | None = None
+    saved_over_frozen_per_token: float | None = None
+    saved_over_frozen_ratio_to_lora: float | None = None
+    peak_mib: float | None = None
+    step_peak_mib: float | None = None
+    tokens_per_s: float | None = None
+    mfu: float | None = None
+    loss: float | None = None
+    saved_breakdown: list[dict[str, Any]] = field(default_factory=list)
+    error: str | None = None  # set when the method could not be measured (only tolerated on meta)
+
+
+def run_setting(
+    settings: Settings, log: Callable[[str], None], measure_memory: bool = True
+) -> list[MethodResult]:
+    """Measure every method at one checkpointing setting (memory subprocesses optional: the smoke test skips
+    them for speed)."""
+    base = build_base(settings)
+    vocab = base.config.vocab_size
+    batch = make_batch(settings, vocab)
+    models: dict[str, nn.Module] = {}
+    results: dict[str, MethodResult] = {}
+    failures: dict[str, str] = {}
+    for method in settings.methods:
+        model = attach_method(copy.deepcopy(base), method, settings)
+        models[method] = model
+        trainable, by_dtype = trainable_parameters(model)
+        # A middle layer: layer 0 is atypical (without input grads its norms and attention save nothing).
+        probe_layer = f".layers.{base.config.num_hidden_layers // 2}."
+        try:
+            flops = count_flops(model, batch, method)
+            saved = measure_saved(model, batch, settings, method, attribute_ops=True)
+        except Exception as error:
+            if not uses_meta(settings):
+                raise
+            # Some kernels cannot run on meta; the other methods' counts are still worth having.
+            message = f"{type(error).__name__}: {error}"
+            log(f"{method}: cannot be counted on the meta device ({message}); skipped")
+            failures[method] = message
+            del models[method]
+            continue
+        results[method] = MethodResult(
+            method=method,
+            checkpointing=settings.checkpointing,
+            trainable_params=trainable,
+            trainable_by_dtype=by_dtype,
+            flops=flops,
+            saved_bytes_per_token=saved["saved_bytes_per_token"],
+            saved_bytes_fixed=saved["saved_bytes_fixed"],
+            saved_storages=saved["saved_storages"],
+            naive_saved_bytes_per_token=saved["naive_bytes_per_token"],
+            saved_breakdown=summarize_saved(saved["tensors"], settings.tokens, probe_layer),
+        )
+        log(
+            f"{method}: {trainable:,} trainable, {flops / 1e9:.2f} GFLOP, "
+            f"{saved['saved_bytes_per_token'] / KIB:.0f} KiB/token saved"
+        )
+    del base
+
+    if not uses_meta(settings):
+        for method in settings.methods:  # warm-up: allocator, kernels, lazy inits
+            for _ in range(settings.warmup):
+                results[method].loss = train_step(models[method], batch, method)
+        order = list(settings.methods)
+        for repeat in range(settings.repeats):
+            shift = repeat % len(order)
+            for method in order[shift:] + order[:shift]:
+                synchronize(settings.device)
+                start = time.perf_counter()
+                results[method].loss = train_step(models[method], batch, method)
+                synchronize(settings.device)
+                results[method].step_times_s.append(time.perf_counter() - start)
+            log(
+                f"repeat {repeat + 1}/{settings.repeats}: "
+                + ", ".join(f"{m} {results[m].step_times_s[-1]:.3f}s" for m in order)
+            )
+        for result in results.values():
+            if not result.step_times_s:  # --repeats 0: counts only
+                continue
+            result.median_step_s = statistics.median(result.step_times_s)
+            result.min_step_s = min(result.step_times_s)
+            result.tokens_per_s = settings.tokens / result.median_step_s
+            if settings.device.startswith("cuda"):
+                result.mfu = result.flops / result.median_step_s / (settings.peak_tflops * 1e12)
+    models.clear()
+
+    if measure_memory and not uses_meta(settings):
+        for method in settings.methods:
+            memory = peak_memory_in_subprocess(settings, method)
+            results[method].peak_mib = memory["peak_mib"]
+            results[method].step_peak_mib = memory["step_peak_mib"]
+            log(f"{method}: peak {_fmt(memory['peak_mib'], '.0f')} MiB ({memory['kind']})")
+            if memory.get("blobs", CODE_STATE.get("blobs")) != CODE_STATE.get("blobs"):
+                log(
+                    f"WARNING: dense_lora/layer.py changed during the run; {method}'s memory probe measured it"
+                )
+                results[method].peak_mib = results[method].step_peak_mib = None
+
+    lora = results.get(BASELINE)
+    frozen = results.get(FROZEN)
+    for result in results.values():
+        if lora and lora.median_step_s and result.median_step_s:
+            result.ratio_to_lora = result.median_step_s / lora.median_step_s
+        if frozen:
+            result.saved_over_frozen_per_token = result.saved_bytes_per_token - frozen.saved_bytes_per_token
+    lora_over = lora.saved_over_frozen_per_token if lora else None
+    for result in results.values():
+        if lora_over and result.saved_over_frozen_per_token is not None:
+            result.saved_over_frozen_ratio_to_lora = result.saved_over_frozen_per_token / lora_over
+    for method, message in failures.items():
+        results[method] = MethodResult(method, settings.checkpointing, 0, {}, 0, 0.0, 0, 0, {}, error=message)
+    return [results[method] for method in settings.methods]
+
+
+def _git(*args: str) -> str:
+    done = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    return done.stdout.strip()
+
+
+def code_state() -> dict[str, Any]:
+    """Commit and the blob hashes of the DenseLoRA layer files as imported: the layer changes between runs (and
+    during them, while someone optimises it), so each block records exactly which version it measured."""
+    files = [name for name in ("dense_lora/layer.py", "dense_lora/fused.py") if (REPO_ROOT / name).is_file()]
+    with contextlib.suppress(OSError, subprocess.CalledProcessError):
+        return {
+            "commit": _git("rev-parse", "--short", "HEAD"),
+            "dirty": [line for line in _git("status", "--porcelain", "--", *files).splitlines() if line],
+            "blobs": {Path(name).name: _git("hash-object", name)[:10] for name in files},
+        }
+    return {}
+
+
+CODE_STATE = code_state()  # taken at import, next to the import of dense_lora.layer
+
+
+def machine_info() -> dict[str, Any]:
+    """Machine and library versions, so rows from different runs can be told apart."""
+    import peft
+    import transformers
+
+    cpu = platform.processor() or "unknown CPU"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as info:
+        for line in info:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": gpu,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "python": platform.python_version(),
+        "loadavg": os.getloadavg(),
+        "git": CODE_STATE,
+    }
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def markdown_rows(settings: Settings, results: list[MethodResult]) -> list[str]:
+    rows = []
+    for res in results:
+        if res.error:
+            rows.append(
+                f"| {res.method} | {'on' if res.checkpointing else 'off'} | not measured: {res.error[:120]} |"
+            )
+            continue
+        rows.append(
+            "| "
+            + " | ".join(
+                [
+                    res.method,
+                    "on" if res.checkpointing else "off",
+                    _fmt(res.median_step_s, ".3f"),
+                    _fmt(res.ratio_to_lora, ".2f"),
+                    f"{res.flops / 1e9:.1f}",
+                    f"{res.saved_bytes_per_token / KIB:.0f}",
+                    f"{res.saved_bytes_fixed / 2**20:.1f}",
+                    _fmt(
+                        None
+                        if res.saved_over_frozen_per_token is None
+                        else res.saved_over_frozen_per_token / KIB,
+                        ".0f",
+                    ),
+                    _fmt(res.saved_over_frozen_ratio_to_lora, ".2f"),
+                    _fmt(res.step_peak_mib, ".0f") + " / " + _fmt(res.peak_mib, ".0f"),
+                    _fmt(res.tokens_per_s, ".0f"),
+                    _fmt(res.mfu * 100 if res.mfu is not None else None, ".1f"),
+                    f"{res.trainable_params:,}",
+                ]
+            )
+            + " |"
+        )
+    return rows
+
+
+TABLE_HEADER = (
+    "| method | ckpt | median step s | × LoRA | GFLOP fwd+bwd | saved KiB/token | of which fixed MiB "
+    "| over frozen KiB/token | over frozen × LoRA | peak MiB step / process | tokens/s | MFU % | trainable |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def render_block(report: dict[str, Any]) -> str:
+    """One markdown block for a JSON report: a heading with machine, versions, load, code version and command,
+    then a row per method and checkpointing setting."""
+    info, runs = report["machine"], report["runs"]
+    settings = Settings(**runs[0]["settings"])
+    results = [MethodResult(**res) for run in runs for res in run["results"]]
+    start_load = report.get("loadavg_start")
+    load = f"{start_load[0]:.2f} at start, " if start_load else ""
+    git = info.get("git") or {}
+    hashes = ", ".join(f"{name} {sha}" for name, sha in git.get("blobs", {}).items())
+    memory_note = "CUDA max_memory_allocated" if settings.device.startswith("cuda") else "RSS high-water"
+    date = dt.datetime.fromisoformat(report["date"]).strftime("%Y-%m-%d %H:%M %Z")
+    block = [
+        "",
+        f"### {date} — {settings.model}, {settings.dtype}, batch {settings.batch}×{settings.seq}, r={settings.r}, "
+        "QKVUD",
+        "",
+        f"- command: `{report['command']}`",
+        f"- machine: {info['cpu']}, {info['cores']} cores ({info['torch_threads']} torch threads)"
+        + (f", GPU {info['gpu']}" if info["gpu"] else ", no GPU")
+        + f"; load average {load}{info['loadavg'][0]:.2f} at end",
+        f"- versions: torch {info['torch']}, transformers {info['transformers']}, peft {info['peft']}, "
+        f"python {info['python']}; code: commit {git.get('commit', '?')}"
+        + (f", blobs {hashes}" if hashes else "")
+        + (" (uncommitted changes)" if git.get("dirty") else ""),
+        f"- repeats {settings.repeats} after {settings.warmup} warm-up; peak memory: {memory_note}"
+        + ("; meta device: counts only" if uses_meta(settings) else ""),
+        "",
+        TABLE_HEADER,
+        *markdown_rows(settings, results),
+    ]
+    return "\n".join(block) + "\n"
+
+
+def append_results(path: Path, report: dict[str, Any]) -> None:
+    """Append the run's block to the results file (created with a title when missing)."""
+    if not path.exists():
+        path.write_text(
+            "# Training-step benchmark results\n\nWritten by `bench/train_step.py`; columns are "
+            "explained in bench/README.md.\n"
+        )
+    with path.open("a") as handle:
+        handle.write(render_block(report))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=MODELS, default="tiny")
+    parser.add_argument("--r", type=int, default=32)
+    parser.add_argument("--lora_alpha", type=float, default=None, help="default 2·r (the paper's setting)")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {METHODS}")
+    parser.add_argument("--dtype", choices=DTYPES, default=None, help="default bf16 (fp32 for --model tiny)")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--checkpointing", choices=("off", "on", "both"), default="off")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default=None, help="default cuda when available, else cpu")
+    parser.add_argument(
+        "--peak_tflops", type=float, default=989.0, help="device peak for MFU (H100 bf16 dense)"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="JSON output (default bench/out/<timestamp>.json)"
+    )
+    parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="markdown file to append to")
+    parser.add_argument("--no_results", action="store_true", help="do not append to the markdown file")
+    parser.add_argument("--no_memory", action="store_true", help="skip the per-method memory subprocesses")
+    parser.add_argument(
+        "--render", type=Path, default=None, help="append the block of a saved JSON report and exit"
+    )
+    parser.add_argument("--_probe_memory", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--_settings", default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def settings_for(args: argparse.Namespace, checkpointing: bool) -> Settings:
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise SystemExit(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return Settings(
+        model=args.model,
+        r=args.r,
+        lora_alpha=args.lora_alpha if args.lora_alpha is not None else 2.0 * args.r,
+        methods=methods,
+        dtype=args.dtype or ("fp32" if args.model == "tiny" else "bf16"),
+        batch=args.batch,
+        seq=args.seq,
+        checkpointing=checkpointing,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        seed=args.seed,
+        device=device,
+        peak_tflops=args.peak_tflops,
+        threads=args.threads or 0,
+    )
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.render:
+        append_results(args.results, json.loads(args.render.read_text()))
+        return {}
+    if args._probe_memory:
+        settings = Settings(**json.loads(args._settings))
+        if settings.threads:
+            torch.set_num_threads(settings.threads)
+        memory = peak_memory_probe(settings, args._probe_memory)
+        print(json.dumps({**memory, "blobs": CODE_STATE.get("blobs")}))
+        return {}
+    command = "python bench/train_step.py " + " ".join(
+        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
+    )
+    started_load = os.getloadavg()
+    modes = {"off": [False], "on": [True], "both": [False, True]}[args.checkpointing]
+
+    def log(message: str) -> None:
+        print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+    runs = []
+    all_results: list[MethodResult] = []
+    for checkpointing in modes:
+        settings = settings_for(args, checkpointing)
+        log(
+            f"model {settings.model}, checkpointing {'on' if checkpointing else 'off'}, device {settings.device}"
+            + (" (meta: counts only)" if uses_meta(settings) else "")
+        )
+        results = run_setting(settings, log, measure_memory=not args.no_memory)
+        all_results += results
+        runs.append({"settings": asdict(settings), "results": [asdict(r) for r in results]})
+    info = machine_info()
+    report = {
+        "command": command,
+        "machine": info,
+        "date": dt.datetime.now().astimezone().isoformat(),
+        "loadavg_start": started_load,
+        "runs": runs,
+    }
+    out = args.out or REPO_ROOT / "bench" / "out" / f"{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    log(f"wrote {out}")
+    if not args.no_results:
+        append_results(args.results, report)
+        log(f"appended to {args.results}")
+    print("\n".join([TABLE_HEADER, *markdown_rows(settings_for(args, False), all_results)]))
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,14 @@
+"""Evaluate a base model, optionally with a peft adapter, on the eight commonsense benchmarks.
+
+    python commonsense_evaluate.py --dataset boolq --base_model smollm2 --lora_weights runs/smollm2-r16 --batch_size 32
+    torchrun --nproc_per_node 2 commonsense_evaluate.py --dataset all --base_model ... --lora_weights ...
+
+All flags and the protocol are documented in docs/evaluation.md; the work is done by dense_lora.evaluate.
+"""
+
+import fire
+
+from dense_lora.evaluate import cli
+
+if __name__ == "__main__":
+    fire.Fire(cli("commonsense"))

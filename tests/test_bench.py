@@ -1,0 +1,101 @@
+"""Smoke test of the training-step benchmark on the tiny model: it runs, and its numbers are sane.
+
+Nothing here is timed: the checks are on things that do not depend on the machine (parameter counts, FLOP
+and saved-byte orderings, the JSON and markdown written), so the test is stable on a loaded CI box.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+BENCH_FILE = Path(__file__).resolve().parents[1] / "bench" / "train_step.py"
+
+
+def load_bench() -> ModuleType:
+    """bench/ is a folder of scripts, not a package: import the file by path."""
+    spec = importlib.util.spec_from_file_location("bench_train_step", BENCH_FILE)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    return load_bench()
+
+
+def tiny_lora_params(r: int, layers: int = 3) -> int:
+    """r·(in+out) for Q, K, V, Up, Down of the tiny LLaMA (hidden 64, kv 32, intermediate 96)."""
+    shapes = [(64, 64), (64, 32), (64, 32), (64, 96), (96, 64)]
+    return layers * sum(r * (i + o) for i, o in shapes)
+
+
+def test_tiny_run_reports_sane_numbers(bench: ModuleType, tmp_path: Path) -> None:
+    out, results_md = tmp_path / "run.json", tmp_path / "RESULTS.md"
+    argv = ["--model", "tiny", "--r", "8", "--repeats", "1", "--warmup", "0", "--no_memory"]
+    bench.main([*argv, "--out", str(out), "--results", str(results_md)])
+
+    report = json.loads(out.read_text())
+    assert report["machine"]["torch"] and report["machine"]["cores"] >= 1
+    (run,) = report["runs"]
+    assert run["settings"]["dtype"] == "fp32" and run["settings"]["checkpointing"] is False
+    results = {r["method"]: r for r in run["results"]}
+    assert set(results) == set(bench.METHODS)
+
+    for method, res in results.items():
+        assert len(res["step_times_s"]) == 1 and 0 < res["median_step_s"] < 60, method
+        assert res["flops"] > 0 and res["saved_bytes_per_token"] > 0, method
+        assert res["loss"] == pytest.approx(res["loss"]) and 0 < res["loss"] < 20, method  # finite, ~ln(256)
+    frozen, lora = results["frozen"], results["lora"]
+    assert frozen["trainable_params"] == 0
+    assert lora["trainable_params"] == tiny_lora_params(8)
+    # DenseLoRA at the same r: shared W_e/W_d per module type (= one layer of LoRA) plus an r×r M per module.
+    assert results["denselora"]["trainable_params"] == tiny_lora_params(8, layers=1) + 3 * 5 * 8 * 8
+    assert results["dora"]["trainable_params"] > lora["trainable_params"]
+    assert lora["ratio_to_lora"] == pytest.approx(1.0)
+    for method in ("denselora", "denselora-reference", "lora", "dora"):
+        res = results[method]
+        assert res["flops"] > frozen["flops"], method  # adapters add matmuls
+        assert res["saved_over_frozen_per_token"] > 0, method  # and activations for their weight gradients
+    assert frozen["saved_over_frozen_per_token"] == 0
+    # the per-op breakdown attributes every saved storage of the probed layer to an autograd node
+    breakdown = results["denselora-reference"]["saved_breakdown"]
+    assert breakdown and all(row["nodes"] != "?" for row in breakdown if "proj" in row["module"])
+
+    text = results_md.read_text()
+    assert "| method |" in text and "python bench/train_step.py --model tiny" in text
+    assert (
+        sum(line.startswith(("| denselora", "| lora", "| dora", "| frozen")) for line in text.splitlines())
+        == 5
+    )
+
+
+def test_saved_bytes_dedupe_storages(bench: ModuleType) -> None:
+    """A storage saved by several ops (the same normed input feeds q, k and v) is counted once."""
+    import torch
+
+    settings = bench.Settings(model="tiny", dtype="fp32", batch=2, seq=16, methods=["frozen"])
+
+    class Shared(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(4, 4))
+
+        def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> object:
+            x = input_ids.float().unsqueeze(-1).expand(-1, -1, 4).contiguous().requires_grad_()
+            y = (x * x).sum() + (x * 2).sin().sum() + (x @ self.weight).sum()  # x saved by mul, mm
+            return type("Out", (), {"loss": y})()
+
+    ids = torch.ones(2, 16, dtype=torch.long)
+    saved = bench.measure_saved(Shared(), {"input_ids": ids, "labels": ids}, settings, "frozen", True)
+    x_bytes = 2 * 16 * 4 * 4
+    # x once (mul's two operands and mm's input are the same storage), 2x once (sin's input); weight excluded
+    assert saved["saved_bytes"] == 2 * x_bytes
