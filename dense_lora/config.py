@@ -9,7 +9,9 @@ from typing import Any, Literal
 from peft import PeftConfig
 from peft.utils import PeftType
 
-ACTIVATIONS = ("gelu", "identity", "relu", "silu", "tanh")
+from .fused import ACTIVATION_FUNCTIONS
+
+ACTIVATIONS = tuple(ACTIVATION_FUNCTIONS)
 
 # The paper adapts Q, K, V, Up and Down (QKVUD). Families whose projections carry these names get them by default.
 DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]

@@ -22,6 +22,8 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
+# The activations DenseLoRA offers (None: identity, the paper's "Only Matrix"); config and layer read this table.
+ACTIVATION_FUNCTIONS = {"gelu": F.gelu, "identity": None, "relu": F.relu, "silu": F.silu, "tanh": torch.tanh}
 _ACTIVATION_INPLACE = {
     "gelu": torch.ops.aten.gelu_,
     "identity": None,
@@ -29,7 +31,6 @@ _ACTIVATION_INPLACE = {
     "silu": lambda t: F.silu(t, inplace=True),
     "tanh": torch.tanh_,
 }
-_ACTIVATION = {"gelu": F.gelu, "identity": None, "relu": F.relu, "silu": F.silu, "tanh": torch.tanh}
 
 
 def _activation_backward(activation: str, grad: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
@@ -72,7 +73,7 @@ class _DenseLoraFunction(torch.autograd.Function):
         flat = x.reshape(-1, x.shape[-1])
         dropout = SeededDropout(seed, p, x.device) if p > 0 else None
         a = (dropout(flat) if dropout else flat) @ enc.t()
-        act = _ACTIVATION[activation]
+        act = ACTIVATION_FUNCTIONS[activation]
         h = act(a) if act else a
         if dropout:
             h = dropout(h)
@@ -102,7 +103,7 @@ class _DenseLoraFunction(torch.autograd.Function):
         need_x, need_enc, need_mid, need_dec = ctx.needs_input_grad[1:5]
         flat = x.reshape(-1, x.shape[-1])
         grad = grad_output.reshape(-1, grad_output.shape[-1]).to(dtype)  # d loss / d y, times 1/s
-        act = _ACTIVATION[activation]
+        act = ACTIVATION_FUNCTIONS[activation]
         if p > 0:
             # replay forward's masks in forward's order: x, then hidden, then output
             dropout = SeededDropout(ctx.seed, p, x.device)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -20,16 +20,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check
 from torch import nn
 
 from .config import DenseLoraConfig
-from .fused import fused_dense_add
-
-ACTIVATION_FUNCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "gelu": F.gelu,
-    "identity": lambda t: t,
-    "relu": F.relu,
-    "silu": F.silu,
-    "tanh": torch.tanh,
-}
-
+from .fused import ACTIVATION_FUNCTIONS, fused_dense_add
 
 _reference_only = False
 
@@ -88,7 +79,7 @@ def dense_delta(
     scaling: float,
 ) -> torch.Tensor:
     """The DenseLoRA update, written as the paper's formula (the reference every faster path is checked against)."""
-    act = ACTIVATION_FUNCTIONS[activation]
+    act = ACTIVATION_FUNCTIONS[activation] or (lambda t: t)
     hidden = dropout(act(F.linear(dropout(x), encoder)))
     return dropout(act(F.linear(F.linear(hidden, middle), decoder))) * scaling
 

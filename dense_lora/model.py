@@ -204,11 +204,13 @@ def _name_matches(key: str, names: list[str] | set[str]) -> bool:
 
 def _check_targets_exist(config: DenseLoraConfig, model: nn.Module) -> None:
     """Every requested target must exist: a typo ('up_prj') is an error listing the Linear names that do exist."""
-    keys = [key for key, _ in model.named_modules() if key and not key.endswith(".base_layer")]
+    modules = [
+        (key, module) for key, module in model.named_modules() if key and not key.endswith(".base_layer")
+    ]
+    keys = [key for key, _ in modules]
     linear_types = (*supported_base_layer_types(), DenseLoraLayer)
     linear_names = sorted(
-        {key.rsplit(".", 1)[-1] for key, module in model.named_modules() if isinstance(module, linear_types)}
-        - {"base_layer"}
+        {key.rsplit(".", 1)[-1] for key, module in modules if isinstance(module, linear_types)}
     )
     targets = config.target_modules
     if isinstance(targets, str):
@@ -216,14 +218,10 @@ def _check_targets_exist(config: DenseLoraConfig, model: nn.Module) -> None:
             raise ValueError(
                 f"target_modules regex {targets!r} matches no module; Linear modules: {linear_names}"
             )
-        unknown = []
+        requested = list(config.lora_modules or [])
     else:
-        unknown = sorted(
-            name for name in targets or [] if not any(_name_matches(key, [name]) for key in keys)
-        )
-    unknown += sorted(
-        name for name in config.lora_modules or [] if not any(_name_matches(k, [name]) for k in keys)
-    )
+        requested = [*(targets or []), *(config.lora_modules or [])]
+    unknown = sorted({name for name in requested if not any(_name_matches(key, [name]) for key in keys)})
     if unknown:
         raise ValueError(f"unknown target modules {unknown}; Linear modules in this model: {linear_names}")
 
