@@ -56,17 +56,21 @@ def _strip_timing(result: dict) -> dict:
 def test_end_to_end_commonsense_with_adapter(tiny, tmp_path, real_data):
     real_data("dataset/boolq/test.json")
     out = tmp_path / "out"
-    (result,) = run(
-        "commonsense",
-        "boolq",
-        str(tiny["base"]),
-        str(tiny["adapter"]),
-        batch_size=4,
-        limit=6,
-        max_new_tokens=8,
-        output_dir=str(out),
-        extraction="both",
-    )
+
+    def evaluate() -> list[dict]:
+        return run(
+            "commonsense",
+            "boolq",
+            str(tiny["base"]),
+            str(tiny["adapter"]),
+            batch_size=4,
+            limit=6,
+            max_new_tokens=8,
+            output_dir=str(out),
+            extraction="both",
+        )
+
+    (result,) = evaluate()
     saved = json.loads((out / "boolq.json").read_text())
     assert saved == result
     assert saved["total"] == 6 and 0 <= saved["accuracy"] <= 1 and "accuracy_strict" in saved
@@ -86,20 +90,7 @@ def test_end_to_end_commonsense_with_adapter(tiny, tmp_path, real_data):
     }
     assert sum(r["correct"] for r in lines[1:]) == saved["correct"]
     # a rerun with the same config finds the final result and generates nothing
-    assert (
-        run(
-            "commonsense",
-            "boolq",
-            str(tiny["base"]),
-            str(tiny["adapter"]),
-            batch_size=4,
-            limit=6,
-            max_new_tokens=8,
-            output_dir=str(out),
-            extraction="both",
-        )[0]
-        == saved
-    )
+    assert evaluate()[0] == saved
 
 
 def test_math_defaults_and_base_model_without_adapter(tiny, tmp_path, real_data):
