@@ -5,12 +5,14 @@ and its activation, and dropout masks of in- and out-dim: several in/out-dim ten
 gets only what it cannot cheaply recompute:
 
 - ``x`` itself (no copy: q/k/v read the same tensor, so it is stored once for the three of them),
-- the two r-dim intermediates ``a = W_e x'`` and ``u = M h``,
+- the two r-dim intermediates ``a = W_e x'`` and ``h = drop(act(a))``,
 - one integer seed: the three dropout masks are regenerated from it in backward instead of being stored.
 
-Backward recomputes the decoder product ``z = W_d u`` (an r x out GEMM, as cheap as the forward one) to get the
-activation's derivative. The residual add is part of the function: forward writes ``base + s * y`` in one pass and
-backward hands the incoming gradient to the base output untouched, applying ``s`` to r-dim tensors only; the out-dim
+``W_d M`` is formed once per call in the weights' float32 (a weight-sized product), so the token-sized work is two
+GEMMs forward, like LoRA's; backward recomputes ``z = h (W_d M)^T`` to get the activation's derivative. The
+residual add is part of the function, and for a frozen ``nn.Linear`` so is the base product: forward writes
+``W0 x + s * y`` into one buffer, and backward accumulates the adapter's input gradient into the layer's in place
+rather than leaving autograd to add two input-sized tensors. ``s`` is applied to r-dim tensors only; the out-dim
 work left is the activation and its derivative. Everything runs in the input's dtype (bf16 GEMMs on bf16 models);
 weight gradients are returned in the weights' dtype.
 """
@@ -21,6 +23,7 @@ from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 # The activations DenseLoRA offers (None: identity, the paper's "Only Matrix"); config and layer read this table.
 ACTIVATION_FUNCTIONS = {"gelu": F.gelu, "identity": None, "relu": F.relu, "silu": F.silu, "tanh": torch.tanh}
@@ -67,91 +70,106 @@ class SeededDropout:
 
 class _DenseLoraFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, base, x, encoder, middle, decoder, activation, scaling, p, seed):
+    def forward(ctx, base, weight, bias, x, encoder, middle, decoder, activation, scaling, p, seed):
+        # base: the frozen layer's output, or None when its weight (and bias) are given and the product is done here
         dtype = x.dtype
-        enc, mid, dec = encoder.to(dtype), middle.to(dtype), decoder.to(dtype)
         flat = x.reshape(-1, x.shape[-1])
         dropout = SeededDropout(seed, p, x.device) if p > 0 else None
-        a = (dropout(flat) if dropout else flat) @ enc.t()
+        a = (dropout(flat) if dropout else flat) @ encoder.to(dtype).t()
         act = ACTIVATION_FUNCTIONS[activation]
         h = act(a) if act else a
         if dropout:
             h = dropout(h)
-        u = h @ mid.t()
-        y = u @ dec.t()
+        z = h @ _decoder_product(decoder, middle, dtype).t()
         act_ = _ACTIVATION_INPLACE[activation]
-        if act_:
-            y = act_(y)
+        y = act_(z) if act_ else z
         if dropout:
             y = dropout(y)
-        ctx.save_for_backward(x, a, u, encoder, middle, decoder)
+        ctx.save_for_backward(x, a, h, encoder, middle, decoder, weight)
         ctx.activation, ctx.scaling, ctx.p, ctx.seed = activation, scaling, p, seed
+        if base is None:
+            out = F.linear(x, weight, bias)
+            return out.add_(y.view(out.shape), alpha=scaling)
         return torch.add(base, y.reshape(*base.shape).to(base.dtype), alpha=scaling)
 
     @staticmethod
     def backward(ctx, grad_output):
         # loss.backward() may be called inside an autocast region: keep backward in forward's dtypes
         with _autocast_disabled(grad_output.device.type):
-            return (grad_output, *_DenseLoraFunction._adapter_backward(ctx, grad_output))
+            grad_x, *grad_weights = _DenseLoraFunction._adapter_backward(ctx, grad_output)
+        grad_base = grad_output if ctx.needs_input_grad[0] else None
+        return grad_base, None, None, grad_x, *grad_weights, None, None, None, None
 
     @staticmethod
     def _adapter_backward(ctx, grad_output):
-        x, a, u, encoder, middle, decoder = ctx.saved_tensors
+        x, a, h, encoder, middle, decoder, weight = ctx.saved_tensors
         activation, p, scaling = ctx.activation, ctx.p, ctx.scaling
         dtype = x.dtype
-        enc, mid, dec = encoder.to(dtype), middle.to(dtype), decoder.to(dtype)
-        need_x, need_enc, need_mid, need_dec = ctx.needs_input_grad[1:5]
+        need_x, need_enc, need_mid, need_dec = ctx.needs_input_grad[3:7]
         flat = x.reshape(-1, x.shape[-1])
         grad = grad_output.reshape(-1, grad_output.shape[-1]).to(dtype)  # d loss / d y, times 1/s
-        act = ACTIVATION_FUNCTIONS[activation]
         if p > 0:
             # replay forward's masks in forward's order: x, then hidden, then output
             dropout = SeededDropout(ctx.seed, p, x.device)
             mask_x, mask_h = dropout.mask(flat), dropout.mask(a)
             grad = grad * dropout.mask(grad)
-        if act:
-            grad = _activation_backward(activation, grad, u @ dec.t())
-        grad_dec = (grad.t() @ u).mul_(scaling) if need_dec else None
-        grad_u = (grad @ dec).mul_(scaling)
-        h = act(a) if act else a
-        if p > 0:
-            h = h * mask_h
-        grad_mid = grad_u.t() @ h if need_mid else None
-        grad_a = grad_u @ mid
+        product = _decoder_product(decoder, middle, dtype)
+        if ACTIVATION_FUNCTIONS[activation]:
+            grad = _activation_backward(activation, grad, h @ product.t())
+        grad_dec = grad_mid = None
+        if need_dec or need_mid:
+            # z = h M^T W_d^T: both weight gradients come from one token-sized product P = s g^T h
+            outer = (grad.t() @ h).to(middle.dtype).mul_(scaling)
+            grad_dec = outer @ middle.t() if need_dec else None
+            grad_mid = decoder.t() @ outer if need_mid else None
+        grad_a = (grad @ product).mul_(scaling)
         if p > 0:
             grad_a = grad_a * mask_h
         grad_a = _activation_backward(activation, grad_a, a)
         grad_enc = None
         if need_enc:
-            grad_enc = grad_a.t() @ (flat * mask_x if p > 0 else flat)
+            grad_enc = (grad_a.t() @ (flat * mask_x if p > 0 else flat)).to(encoder.dtype)
         grad_x = None
         if need_x:
-            grad_x = grad_a @ enc
-            if p > 0:
-                grad_x = grad_x * mask_x
+            encoder = encoder.to(dtype)
+            if weight is None:
+                grad_x = grad_a @ encoder
+                if p > 0:
+                    grad_x.mul_(mask_x)
+            else:  # the frozen layer's input gradient, with the adapter's accumulated into it in place
+                grad_x = grad_output.reshape(-1, weight.shape[0]) @ weight
+                if p > 0:
+                    grad_x.addcmul_(grad_a @ encoder, mask_x)
+                else:
+                    grad_x.addmm_(grad_a, encoder)
             grad_x = grad_x.reshape(x.shape)
-        cast = lambda g, like: None if g is None else g.to(like.dtype)  # noqa: E731
-        return (
-            grad_x,
-            cast(grad_enc, encoder),
-            cast(grad_mid, middle),
-            cast(grad_dec, decoder),
-            None,
-            None,
-            None,
-            None,
-        )
+        return grad_x, grad_enc, grad_mid, grad_dec
+
+
+def _decoder_product(decoder: torch.Tensor, middle: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """W_d M (out x r) in the weights' precision, cast once to the compute dtype.
+
+    One weight-sized product replaces a token-sized r x r GEMM in forward and two in backward; on small r these
+    GEMMs cost their fixed overhead, not their FLOPs.
+    """
+    return (decoder @ middle).to(dtype)
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for this device type (never on the meta device, which has no autocast)."""
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
 
 def _autocast_disabled(device_type: str):
-    """Autocast off for this device type (a no-op where autocast does not exist, e.g. the meta device)."""
-    if torch.amp.is_autocast_available(device_type):
+    """Autocast off for this device type; no context at all when it is already off (entering one costs more than
+    the small GEMMs it would guard)."""
+    if _autocast_enabled(device_type):
         return torch.autocast(device_type, enabled=False)
     return nullcontext()
 
 
 def fused_dense_add(
-    base: torch.Tensor,
+    base: torch.Tensor | nn.Linear,
     x: torch.Tensor,
     encoder: torch.Tensor,
     middle: torch.Tensor,
@@ -163,14 +181,27 @@ def fused_dense_add(
 ) -> torch.Tensor:
     """``base + s * drop(act(W_d M drop(act(W_e drop(x)))))``, computed in the dtype autocast or x asks for.
 
-    ``base`` is the frozen layer's output; the result has its dtype. ``p`` is the dropout probability in effect
-    (0 in eval mode). The dropout seed comes from torch's CPU RNG when not given, so ``torch.manual_seed`` makes
-    runs reproducible without a device synchronisation.
+    ``base`` is the frozen layer's output, or the frozen ``nn.Linear`` itself: then its product is computed inside
+    the function and backward writes the adapter's input gradient into the layer's in place, instead of autograd
+    adding two input-sized gradients (used when the weight is frozen and already in the compute dtype). The result
+    has the base output's dtype. ``p`` is the dropout probability in effect (0 in eval mode). The dropout seed
+    comes from torch's CPU RNG when not given, so ``torch.manual_seed`` makes runs reproducible without a device
+    synchronisation.
     """
     device_type = x.device.type
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
-        x = x.to(torch.get_autocast_dtype(device_type))
+    autocast = _autocast_enabled(device_type)
+    weight = bias = None
+    if isinstance(base, nn.Module):
+        weight, bias = base.weight, base.bias
+        frozen = not weight.requires_grad and (bias is None or not bias.requires_grad)
+        if type(base) is nn.Linear and frozen and not autocast and weight.dtype == x.dtype:
+            base = None
+        else:
+            base, weight, bias = base(x), None, None
     if p > 0 and seed is None:
         seed = int(torch.randint(0, 2**62, (1,)).item())
-    with _autocast_disabled(device_type):
-        return _DenseLoraFunction.apply(base, x, encoder, middle, decoder, activation, scaling, p, seed or 0)
+    args = (base, weight, bias, x, encoder, middle, decoder, activation, scaling, p, seed or 0)
+    if not autocast:
+        return _DenseLoraFunction.apply(*args)
+    with torch.autocast(device_type, enabled=False):
+        return _DenseLoraFunction.apply(*args[:3], x.to(torch.get_autocast_dtype(device_type)), *args[4:])

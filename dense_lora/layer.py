@@ -181,17 +181,23 @@ class Linear(nn.Module, DenseLoraLayer):
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return result
-        for adapter in self.active_adapters:
+        adapters = [a for a in self.active_adapters if a in self.denselora_M or a in self.denselora_A]
+        if self.merged or not adapters:
+            return self.base_layer(x, *args, **kwargs)
+        # The fused path can run the frozen Linear itself (one input gradient for both); others get its output.
+        fuse_base = adapters[0] in self.denselora_M and not _reference_only and not args and not kwargs
+        result = self.base_layer if fuse_base else self.base_layer(x, *args, **kwargs)
+        for adapter in adapters:
             result = self._add_adapter_update(adapter, x, result)
         return result
 
-    def _add_adapter_update(self, adapter: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        """result + the adapter's update, computed in the input's dtype (bf16/fp16 and autocast both work)."""
-        if adapter not in self.denselora_A and adapter not in self.denselora_M:
-            return result
+    def _add_adapter_update(
+        self, adapter: str, x: torch.Tensor, result: torch.Tensor | nn.Module
+    ) -> torch.Tensor:
+        """result + the adapter's update, computed in the input's dtype (bf16/fp16 and autocast both work).
+
+        ``result`` is the base layer's output, or the base layer itself for the fused DenseLoRA path.
+        """
         dtype, device = x.dtype, x.device
         dropout = self.denselora_dropout[adapter]
         if adapter in self.denselora_A:
