@@ -1,12 +1,14 @@
 """Throughput of the LLM-Adapters evaluation protocol vs this repo's fast path, on real test data.
 
-    OMP_NUM_THREADS=1 python bench/eval_throughput.py --model smollm2 --datasets boolq,piqa --per_dataset 16
+    python bench/eval_throughput.py --model smollm2 --datasets boolq,piqa --per_dataset 32 --batch_size 32
 
 Three decodes of the same prompts (first `per_dataset` records of each test set), timed end to end:
 
 * protocol: one example at a time, 4-beam search, `max_new_tokens` (what the published numbers used);
-* batch-1 greedy: one example at a time, greedy, full length (the reference for agreement);
-* fast: length-sorted left-padded batches of `batch_size`, greedy, KV cache, per-row EOS and early stop.
+* batch-1 greedy: one example at a time with transformers' ``generate``, full length (the reference for
+  agreement);
+* fast: this repo's path: length-sorted left-padded batches of `batch_size` per benchmark, greedy, KV cache,
+  rows leaving the batch at EOS or early stop.
 
 Prints examples/s of protocol and fast, the speedup, and how many fast predictions equal batch-1 greedy
 (and how many fast responses are a prefix of the batch-1 response, which also checks the early-stopped
@@ -31,7 +33,7 @@ from dense_lora.data import (
     load_test_records,
 )
 from dense_lora.evaluate import EvalSettings, load_model, stop_rule
-from dense_lora.generation import generate_batch, generate_planned, plan_batches
+from dense_lora.generation import generate_planned, generate_with_transformers, plan_batches
 
 
 def _timed(step: Callable[[], list[str]]) -> tuple[list[str], float]:
@@ -47,13 +49,14 @@ def main(
     batch_size: int = 32,
     max_new_tokens: int = 128,
     lora_weights: str | None = None,
+    dtype: str = "float32",
 ) -> None:
     """Run the three decodes and print a JSON summary (see the module docstring)."""
     names = [
         canonical_dataset_name(n) for n in (datasets.split(",") if isinstance(datasets, str) else datasets)
     ]
     loaded, tokenizer = load_model(
-        model, lora_weights, dtype="float32", load_8bit=False, load_4bit=False, device=torch.device("cpu")
+        model, lora_weights, dtype=dtype, load_8bit=False, load_4bit=False, device=torch.device("cpu")
     )
     prompts, owners = [], []
     for name in names:
@@ -63,7 +66,7 @@ def main(
 
     def one_by_one(beams: int) -> list[str]:
         return [
-            generate_batch(loaded, tokenizer, [p], max_new_tokens=max_new_tokens, num_beams=beams)[0]
+            generate_with_transformers(loaded, tokenizer, [p], max_new_tokens=max_new_tokens, num_beams=beams)[0]
             for p in prompts
         ]
 
@@ -72,7 +75,7 @@ def main(
         out: dict[int, str] = {}
         for name in names:  # the stop rule depends on the benchmark's extractor
             mine = [i for i, owner in enumerate(owners) if owner == name]
-            settings = EvalSettings(name, model, None, None, "", "float32", False, False, 1, max_new_tokens,
+            settings = EvalSettings(name, model, None, None, "", dtype, False, False, 1, max_new_tokens,
                                     batch_size, True, None, "llm-adapters", 0)  # fmt: skip
             plan = [
                 [mine[j] for j in batch] for batch in plan_batches([lengths[i] for i in mine], batch_size)
@@ -100,6 +103,7 @@ def main(
         "max_new_tokens": max_new_tokens,
         "batch_size": batch_size,
         "threads": torch.get_num_threads(),
+        "dtype": dtype,
         "protocol_examples_per_s": round(n / protocol_s, 4),
         "batch1_greedy_examples_per_s": round(n / greedy_s, 4),
         "fast_examples_per_s": round(n / fast_s, 4),

@@ -68,29 +68,40 @@ class SeededDropout:
         return tensor * self.mask(tensor)
 
 
+def _dense_forward(base, weight, bias, x, encoder, middle, decoder, activation, scaling, p, seed):
+    """The forward computation; returns the output and what backward needs (``a``, ``h``).
+
+    ``base`` is the frozen layer's output, or None when its weight (and bias) are given and the product is done
+    here.
+    """
+    dtype = x.dtype
+    flat = x.reshape(-1, x.shape[-1])
+    dropout = SeededDropout(seed, p, x.device) if p > 0 else None
+    a = (dropout(flat) if dropout else flat) @ encoder.to(dtype).t()
+    act = ACTIVATION_FUNCTIONS[activation]
+    h = act(a) if act else a
+    if dropout:
+        h = dropout(h)
+    z = h @ _decoder_product(decoder, middle, dtype).t()
+    act_ = _ACTIVATION_INPLACE[activation]
+    y = act_(z) if act_ else z
+    if dropout:
+        y = dropout(y)
+    if base is None:
+        out = F.linear(x, weight, bias)
+        return out.add_(y.view(out.shape), alpha=scaling), a, h
+    return torch.add(base, y.reshape(*base.shape).to(base.dtype), alpha=scaling), a, h
+
+
 class _DenseLoraFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, base, weight, bias, x, encoder, middle, decoder, activation, scaling, p, seed):
-        # base: the frozen layer's output, or None when its weight (and bias) are given and the product is done here
-        dtype = x.dtype
-        flat = x.reshape(-1, x.shape[-1])
-        dropout = SeededDropout(seed, p, x.device) if p > 0 else None
-        a = (dropout(flat) if dropout else flat) @ encoder.to(dtype).t()
-        act = ACTIVATION_FUNCTIONS[activation]
-        h = act(a) if act else a
-        if dropout:
-            h = dropout(h)
-        z = h @ _decoder_product(decoder, middle, dtype).t()
-        act_ = _ACTIVATION_INPLACE[activation]
-        y = act_(z) if act_ else z
-        if dropout:
-            y = dropout(y)
+        out, a, h = _dense_forward(
+            base, weight, bias, x, encoder, middle, decoder, activation, scaling, p, seed
+        )
         ctx.save_for_backward(x, a, h, encoder, middle, decoder, weight)
         ctx.activation, ctx.scaling, ctx.p, ctx.seed = activation, scaling, p, seed
-        if base is None:
-            out = F.linear(x, weight, bias)
-            return out.add_(y.view(out.shape), alpha=scaling)
-        return torch.add(base, y.reshape(*base.shape).to(base.dtype), alpha=scaling)
+        return out
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -200,8 +211,10 @@ def fused_dense_add(
             base, weight, bias = base(x), None, None
     if p > 0 and seed is None:
         seed = int(torch.randint(0, 2**62, (1,)).item())
+    # without autograd (generation), skip the Function's bookkeeping: it costs as much as the adapter's small GEMMs
+    run = _DenseLoraFunction.apply if torch.is_grad_enabled() else lambda *args: _dense_forward(*args)[0]
     args = (base, weight, bias, x, encoder, middle, decoder, activation, scaling, p, seed or 0)
     if not autocast:
-        return _DenseLoraFunction.apply(*args)
+        return run(*args)
     with torch.autocast(device_type, enabled=False):
-        return _DenseLoraFunction.apply(*args[:3], x.to(torch.get_autocast_dtype(device_type)), *args[4:])
+        return run(*args[:3], x.to(torch.get_autocast_dtype(device_type)), *args[4:])

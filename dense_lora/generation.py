@@ -6,8 +6,9 @@ attention mask and is wrong. This module generates many prompts at once, correct
 
 * prompts are LEFT-padded and the attention mask is passed, so every row sees exactly its own tokens;
 * batches are formed from prompts sorted by token length, so little compute goes to padding;
-* the KV cache is on and each row stops at EOS (``generate`` then feeds it padding until the batch ends);
-* optionally a row also stops as soon as its *score* can no longer change (:class:`ResponseStopper`).
+* the KV cache is on, and a row leaves the batch (its KV cache rows too) as soon as it ends: at EOS, or
+  optionally as soon as its *score* can no longer change (:func:`first_match_is_final`);
+* beam search (the published protocol) goes through ``model.generate`` unchanged.
 
 The response of a row is computed as the protocol does: decode prompt + generated tokens, split on
 ``"### Response:"`` and keep the part after the first marker, stripped. Padding and everything after EOS are
@@ -27,13 +28,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
-from transformers import (
-    GenerationConfig,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-    StoppingCriteria,
-    StoppingCriteriaList,
-)
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 RESPONSE_MARKER = "### Response:"
 
@@ -98,44 +93,6 @@ def marker_is_final(response: str, bounded: bool) -> bool:
     return bounded
 
 
-class ResponseStopper(StoppingCriteria):
-    """Marks a row finished once ``is_final(response, bounded)`` holds for its decoded response so far.
-
-    `bounded` tells whether the model already wrote a second ``### Response:`` (which ends the response
-    for good). The row's finishing length is recorded so that the padding `generate` appends afterwards is
-    cut off by position.
-    """
-
-    def __init__(
-        self,
-        tokenizer: PreTrainedTokenizerBase,
-        prompt_rows: Sequence[list[int]],
-        prompt_width: int,
-        is_final: Callable[[str, bool], bool],
-    ) -> None:
-        self.tokenizer = tokenizer
-        self.prompt_rows = prompt_rows
-        self.prompt_width = prompt_width
-        self.is_final = is_final
-        self.stopped_at: list[int | None] = [None] * len(prompt_rows)
-
-    def __call__(
-        self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: object
-    ) -> torch.BoolTensor:
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        for row, prompt_ids in enumerate(self.prompt_rows):
-            if self.stopped_at[row] is not None:
-                done[row] = True
-                continue
-            generated = input_ids[row, self.prompt_width :].tolist()
-            text = self.tokenizer.decode(prompt_ids + generated, skip_special_tokens=True)
-            parts = text.split(RESPONSE_MARKER)
-            if self.is_final(parts[1], len(parts) > 2):
-                self.stopped_at[row] = len(generated)
-                done[row] = True
-        return done
-
-
 def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """EOS ids as a batch-1 ``generate`` would stop on them: the model's generation config, else the tokenizer's."""
     configured = model.generation_config.eos_token_id
@@ -146,13 +103,83 @@ def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list
     return [configured] if isinstance(configured, int) else list(configured)
 
 
-def _cut(generated: list[int], eos_ids: Sequence[int], stopped_at: int | None) -> list[int]:
-    """Generated tokens up to the first EOS (inclusive) or the stopper's cut, whichever comes first."""
-    end = len(generated) if stopped_at is None else stopped_at
-    for position, token in enumerate(generated[:end]):
-        if token in eos_ids:
-            return generated[: position + 1]
-    return generated[:end]
+def _encode_left_padded(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str]
+) -> tuple[torch.Tensor, torch.Tensor, list[list[int]]]:
+    """input_ids and attention mask on the model's device, and each row's prompt ids without padding."""
+    if tokenizer.padding_side != "left":
+        raise ValueError(
+            "batched generation needs a left-padding tokenizer (load_tokenizer(..., padding_side='left'))"
+        )
+    encoded = tokenizer(list(prompts), return_tensors="pt", padding=True)
+    device = model.device if hasattr(model, "device") else torch.device("cpu")
+    prompt_rows = [
+        ids[mask.bool()].tolist()
+        for ids, mask in zip(encoded["input_ids"], encoded["attention_mask"], strict=True)
+    ]
+    return encoded["input_ids"].to(device), encoded["attention_mask"].to(device), prompt_rows
+
+
+def _response(tokenizer: PreTrainedTokenizerBase, prompt_ids: list[int], generated: list[int]) -> str:
+    return response_from_text(tokenizer.decode(prompt_ids + generated, skip_special_tokens=True))
+
+
+@torch.inference_mode()
+def greedy_decode(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    eos_ids: Sequence[int],
+    is_done: Callable[[int, list[int]], bool] | None = None,
+) -> list[list[int]]:
+    """Greedy decoding of a left-padded batch that drops each row from the batch, KV cache included, once it ends.
+
+    ``generate()`` keeps finished rows in the batch and feeds them padding until the longest row ends, which on
+    short answers is most of the work. A row ends at EOS (kept in its tokens), after ``max_new_tokens``, or when
+    ``is_done(row, tokens)`` says so. Positions come from the attention mask and the next token is the argmax of
+    float32 logits, both as ``generate()`` computes them, so each row's tokens are those of its own batch-1 run up
+    to floating-point ties.
+    """
+    from transformers import DynamicCache
+
+    generated: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
+    rows = list(range(input_ids.shape[0]))  # the original index of each row still in the batch
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min_(0)
+    cache = DynamicCache(config=model.config)
+    step_ids = input_ids
+    for _ in range(max_new_tokens):
+        logits = model(
+            input_ids=step_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        ).logits
+        next_ids = logits[:, -1].float().argmax(-1)
+        keep = []
+        for slot, (row, token) in enumerate(zip(rows, next_ids.tolist(), strict=True)):
+            generated[row].append(token)
+            ended = token in eos_ids or len(generated[row]) == max_new_tokens
+            if not ended and not (is_done is not None and is_done(row, generated[row])):
+                keep.append(slot)
+        if not keep:
+            break
+        if len(keep) < len(rows):
+            index = torch.tensor(keep, device=next_ids.device)
+            cache.batch_select_indices(index)
+            rows = [rows[slot] for slot in keep]
+            next_ids, attention_mask, position_ids = (
+                next_ids[index],
+                attention_mask[index],
+                position_ids[index],
+            )
+        step_ids = next_ids[:, None]
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(rows), 1)], dim=1)
+        position_ids = position_ids[:, -1:] + 1
+    return generated
 
 
 def generate_batch(
@@ -164,27 +191,45 @@ def generate_batch(
     num_beams: int = 1,
     is_final: Callable[[str, bool], bool] | None = None,
 ) -> list[str]:
-    """Responses for one batch of prompts (greedy when `num_beams` is 1, else beam search).
+    """Responses for one batch of prompts: greedy (:func:`greedy_decode`) when `num_beams` is 1, else beam search.
 
     `is_final` enables per-row early stopping (greedy only: beam search ranks whole beams, so cutting a
     beam would change which one wins). Sampling is never used: the protocol's temperature/top-p/top-k
     settings are inert because it never sets ``do_sample``.
     """
-    if tokenizer.padding_side != "left":
-        raise ValueError(
-            "batched generation needs a left-padding tokenizer (load_tokenizer(..., padding_side='left'))"
+    if num_beams > 1:
+        if is_final is not None:
+            raise ValueError("early stopping is only exact for greedy decoding (num_beams=1)")
+        return generate_with_transformers(
+            model, tokenizer, prompts, max_new_tokens=max_new_tokens, num_beams=num_beams
         )
-    if is_final is not None and num_beams > 1:
-        raise ValueError("early stopping is only exact for greedy decoding (num_beams=1)")
-    encoded = tokenizer(list(prompts), return_tensors="pt", padding=True)
-    device = model.device if hasattr(model, "device") else torch.device("cpu")
-    input_ids = encoded["input_ids"].to(device)
-    attention_mask = encoded["attention_mask"].to(device)
-    width = input_ids.shape[1]
-    prompt_rows = [
-        ids[mask.bool()].tolist()
-        for ids, mask in zip(encoded["input_ids"], encoded["attention_mask"], strict=True)
-    ]
+    input_ids, attention_mask, prompt_rows = _encode_left_padded(model, tokenizer, prompts)
+
+    def is_done(row: int, tokens: list[int]) -> bool:
+        parts = tokenizer.decode(prompt_rows[row] + tokens, skip_special_tokens=True).split(RESPONSE_MARKER)
+        return is_final(parts[1], len(parts) > 2)
+
+    generated = greedy_decode(
+        model,
+        input_ids,
+        attention_mask,
+        max_new_tokens=max_new_tokens,
+        eos_ids=_eos_ids(model, tokenizer),
+        is_done=is_done if is_final is not None else None,
+    )
+    return [_response(tokenizer, ids, tokens) for ids, tokens in zip(prompt_rows, generated, strict=True)]
+
+
+def generate_with_transformers(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    num_beams: int = 1,
+) -> list[str]:
+    """Responses from ``model.generate`` (beam search for the published protocol; greedy as a reference)."""
+    input_ids, attention_mask, prompt_rows = _encode_left_padded(model, tokenizer, prompts)
     eos_ids = _eos_ids(model, tokenizer)
     config = GenerationConfig(
         do_sample=False,
@@ -195,22 +240,16 @@ def generate_batch(
         bos_token_id=tokenizer.bos_token_id,
         use_cache=True,
     )
-    stopper = None if is_final is None else ResponseStopper(tokenizer, prompt_rows, width, is_final)
     with torch.inference_mode():
         sequences = model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            generation_config=config,
-            stopping_criteria=StoppingCriteriaList([stopper] if stopper is not None else []),
+            input_ids=input_ids, attention_mask=attention_mask, generation_config=config
         )
+    width = input_ids.shape[1]
     responses = []
     for row, prompt_ids in enumerate(prompt_rows):
-        generated = _cut(
-            sequences[row, width:].tolist(), eos_ids, stopper.stopped_at[row] if stopper else None
-        )
-        responses.append(
-            response_from_text(tokenizer.decode(prompt_ids + generated, skip_special_tokens=True))
-        )
+        generated = sequences[row, width:].tolist()
+        ends = [position for position, token in enumerate(generated) if token in eos_ids]
+        responses.append(_response(tokenizer, prompt_ids, generated[: ends[0] + 1] if ends else generated))
     return responses
 
 

@@ -193,3 +193,21 @@ def test_fused_under_autocast_and_backward_inside_autocast(tiny_inputs):
         loss.backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("base_is_module", [False, True])
+def test_fused_without_autograd_gives_the_same_output(base_is_module):
+    """Generation runs under no_grad/inference_mode, where the function skips autograd's bookkeeping."""
+    linear = torch.nn.Linear(IN, OUT).requires_grad_(False)
+    x = torch.randn(N, IN)
+    params = weights()
+
+    def output():
+        base = linear if base_is_module else linear(x)
+        return fused_dense_add(base, x, *params, "gelu", 2.0, 0.0)
+
+    with_grad = output()
+    with torch.inference_mode():
+        without = output()
+    assert with_grad.requires_grad and not without.requires_grad
+    assert torch.equal(with_grad.detach(), without)

@@ -13,6 +13,8 @@ from dense_lora.evaluate import MAX_OPTION_CHARS
 from dense_lora.generation import (
     first_match_is_final,
     generate_batch,
+    generate_with_transformers,
+    greedy_decode,
     plan_batches,
     response_from_text,
 )
@@ -60,13 +62,37 @@ def _tiny_setup(smollm2_dir, tmp_path):
     return model, tokenizer
 
 
-def test_batched_greedy_equals_batch_one_on_tiny_llama(smollm2_dir, tmp_path, real_data):
+def test_batched_greedy_equals_batch_one_generate_on_tiny_llama(smollm2_dir, tmp_path, real_data):
+    """The row-dropping greedy loop on a left-padded batch gives what transformers' generate() gives per prompt."""
     model, tokenizer = _tiny_setup(smollm2_dir, tmp_path)
     records = load_test_records(real_data("dataset/piqa/test.json"))[:6]
     prompts = [generate_eval_prompt(r["instruction"]) for r in records]
     batched = generate_batch(model, tokenizer, prompts, max_new_tokens=12)
-    single = [generate_batch(model, tokenizer, [p], max_new_tokens=12)[0] for p in prompts]
+    single = [generate_with_transformers(model, tokenizer, [p], max_new_tokens=12)[0] for p in prompts]
     assert batched == single
+    assert generate_with_transformers(model, tokenizer, prompts, max_new_tokens=12) == single
+
+
+def test_greedy_decode_drops_rows_as_they_end():
+    """Rows end at EOS (kept), at max_new_tokens or when is_done says so; the others carry on unchanged."""
+    import torch
+
+    model = make_tiny_llama(vocab_size=64, pad_token_id=0, eos_token_id=2, bos_token_id=1)
+    input_ids = torch.tensor([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12], [0, 13, 14, 15, 16]])
+    mask = (input_ids != 0).long()
+    free = greedy_decode(model, input_ids, mask, max_new_tokens=6, eos_ids=[])
+    assert [len(tokens) for tokens in free] == [6, 6, 6]
+    # call a token that only row 1 writes EOS, and stop row 2 after two tokens: row 0 must not change
+    eos = next(token for token in free[1] if token not in free[0] + free[2][:2])
+    cut = greedy_decode(
+        model,
+        input_ids,
+        mask,
+        max_new_tokens=6,
+        eos_ids=[eos],
+        is_done=lambda row, t: row == 2 and len(t) == 2,
+    )
+    assert cut == [free[0], free[1][: free[1].index(eos) + 1], free[2][:2]]
 
 
 def test_beam_search_refuses_early_stop(smollm2_dir, tmp_path):
@@ -136,7 +162,7 @@ def test_batched_vs_batch_one_agreement_on_real_data(smollm2_dir, real_data):
     records = load_test_records(real_data("dataset/ARC-Easy/test.json"))[:6]
     prompts = [generate_eval_prompt(r["instruction"]) for r in records]
     batched = generate_batch(model, tokenizer, prompts, max_new_tokens=16)
-    single = [generate_batch(model, tokenizer, [p], max_new_tokens=16)[0] for p in prompts]
+    single = [generate_with_transformers(model, tokenizer, [p], max_new_tokens=16)[0] for p in prompts]
     same = sum(b == s for b, s in zip(batched, single, strict=True))
     print(f"batched vs batch-1 identical responses: {same}/{len(prompts)}")
     assert same >= len(prompts) - 1
