@@ -124,31 +124,61 @@ def _response(tokenizer: PreTrainedTokenizerBase, prompt_ids: list[int], generat
     return response_from_text(tokenizer.decode(prompt_ids + generated, skip_special_tokens=True))
 
 
+def shared_prefix_length(rows: Sequence[Sequence[int]]) -> int:
+    """Length of the token prefix all rows share, leaving every row at least one token of its own."""
+    if len(rows) < 2:
+        return 0
+    length = 0
+    for column in zip(*rows, strict=False):
+        if any(token != column[0] for token in column):
+            break
+        length += 1
+    return min(length, min(map(len, rows)) - 1)
+
+
 @torch.inference_mode()
 def greedy_decode(
     model: PreTrainedModel,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
+    prompt_rows: Sequence[list[int]],
     *,
     max_new_tokens: int,
     eos_ids: Sequence[int],
+    pad_token_id: int,
     is_done: Callable[[int, list[int]], bool] | None = None,
 ) -> list[list[int]]:
-    """Greedy decoding of a left-padded batch that drops each row from the batch, KV cache included, once it ends.
+    """Greedy decoding of a batch of token-id prompts; returns each row's generated tokens.
 
-    ``generate()`` keeps finished rows in the batch and feeds them padding until the longest row ends, which on
-    short answers is most of the work. A row ends at EOS (kept in its tokens), after ``max_new_tokens``, or when
-    ``is_done(row, tokens)`` says so. Positions come from the attention mask and the next token is the argmax of
-    float32 logits, both as ``generate()`` computes them, so each row's tokens are those of its own batch-1 run up
-    to floating-point ties.
+    Two things ``generate()`` does not do:
+
+    * The prompts' common token prefix (the instruction template) is prefilled once and its KV cache shared by
+      every row; each row's remainder is left-padded after it, which the attention mask and the positions
+      (counted over unmasked tokens) make equivalent to the row alone.
+    * A row leaves the batch, KV cache included, once it ends: at EOS (kept in its tokens), after
+      ``max_new_tokens``, or when ``is_done(row, tokens)`` says so. ``generate()`` keeps feeding finished rows
+      padding until the longest row ends, which on short answers is most of the work.
+
+    Positions and the next token (argmax of float32 logits) are computed as ``generate()`` computes them, so each
+    row's tokens are those of its own batch-1 run up to floating-point ties.
     """
     from transformers import DynamicCache
 
-    generated: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
-    rows = list(range(input_ids.shape[0]))  # the original index of each row still in the batch
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min_(0)
+    device = model.device if hasattr(model, "device") else torch.device("cpu")
     cache = DynamicCache(config=model.config)
-    step_ids = input_ids
+    prefix = shared_prefix_length(prompt_rows)
+    if prefix:
+        model(input_ids=torch.tensor([prompt_rows[0][:prefix]], device=device), cache=cache, use_cache=True)
+        cache.batch_repeat_interleave(len(prompt_rows))
+    width = max(len(row) for row in prompt_rows) - prefix
+    step_ids = torch.tensor(
+        [[pad_token_id] * (width - len(row) + prefix) + row[prefix:] for row in prompt_rows], device=device
+    )
+    attention_mask = torch.tensor(
+        [[1] * prefix + [0] * (width - len(row) + prefix) + [1] * (len(row) - prefix) for row in prompt_rows],
+        device=device,
+    )
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp_min_(0)[:, prefix:]
+    generated: list[list[int]] = [[] for _ in prompt_rows]
+    rows = list(range(len(prompt_rows)))  # the original index of each row still in the batch
     for _ in range(max_new_tokens):
         logits = model(
             input_ids=step_ids,
@@ -168,7 +198,7 @@ def greedy_decode(
         if not keep:
             break
         if len(keep) < len(rows):
-            index = torch.tensor(keep, device=next_ids.device)
+            index = torch.tensor(keep, device=device)
             cache.batch_select_indices(index)
             rows = [rows[slot] for slot in keep]
             next_ids, attention_mask, position_ids = (
@@ -203,18 +233,19 @@ def generate_batch(
         return generate_with_transformers(
             model, tokenizer, prompts, max_new_tokens=max_new_tokens, num_beams=num_beams
         )
-    input_ids, attention_mask, prompt_rows = _encode_left_padded(model, tokenizer, prompts)
+    prompt_rows = tokenizer(list(prompts))["input_ids"]
 
     def is_done(row: int, tokens: list[int]) -> bool:
         parts = tokenizer.decode(prompt_rows[row] + tokens, skip_special_tokens=True).split(RESPONSE_MARKER)
         return is_final(parts[1], len(parts) > 2)
 
+    eos_ids = _eos_ids(model, tokenizer)
     generated = greedy_decode(
         model,
-        input_ids,
-        attention_mask,
+        prompt_rows,
         max_new_tokens=max_new_tokens,
-        eos_ids=_eos_ids(model, tokenizer),
+        eos_ids=eos_ids,
+        pad_token_id=tokenizer.pad_token_id or 0,  # any id: padding is masked
         is_done=is_done if is_final is not None else None,
     )
     return [_response(tokenizer, ids, tokens) for ids, tokens in zip(prompt_rows, generated, strict=True)]

@@ -17,6 +17,7 @@ from dense_lora.generation import (
     greedy_decode,
     plan_batches,
     response_from_text,
+    shared_prefix_length,
 )
 from dense_lora.models import load_tokenizer
 
@@ -75,24 +76,34 @@ def test_batched_greedy_equals_batch_one_generate_on_tiny_llama(smollm2_dir, tmp
 
 def test_greedy_decode_drops_rows_as_they_end():
     """Rows end at EOS (kept), at max_new_tokens or when is_done says so; the others carry on unchanged."""
-    import torch
-
     model = make_tiny_llama(vocab_size=64, pad_token_id=0, eos_token_id=2, bos_token_id=1)
-    input_ids = torch.tensor([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12], [0, 13, 14, 15, 16]])
-    mask = (input_ids != 0).long()
-    free = greedy_decode(model, input_ids, mask, max_new_tokens=6, eos_ids=[])
+    rows = [[5, 6, 7], [8, 9, 10, 11, 12], [13, 14, 15, 16]]
+    free = greedy_decode(model, rows, max_new_tokens=6, eos_ids=[], pad_token_id=0)
     assert [len(tokens) for tokens in free] == [6, 6, 6]
     # call a token that only row 1 writes EOS, and stop row 2 after two tokens: row 0 must not change
     eos = next(token for token in free[1] if token not in free[0] + free[2][:2])
     cut = greedy_decode(
         model,
-        input_ids,
-        mask,
+        rows,
         max_new_tokens=6,
         eos_ids=[eos],
+        pad_token_id=0,
         is_done=lambda row, t: row == 2 and len(t) == 2,
     )
     assert cut == [free[0], free[1][: free[1].index(eos) + 1], free[2][:2]]
+
+
+def test_shared_prefix_is_prefilled_once_with_the_same_result():
+    """Rows sharing a template prefix decode as they do alone (prefix KV computed once, then shared)."""
+    model = make_tiny_llama(vocab_size=64, pad_token_id=0, eos_token_id=2, bos_token_id=1)
+    template = [1, 20, 21, 22, 23, 24]
+    rows = [[*template, 5, 6, 7], [*template, 8, 9, 10, 11, 12], [*template, 13]]
+    assert shared_prefix_length(rows) == 6
+    assert shared_prefix_length([[1, 2], [1, 2, 3]]) == 1  # every row keeps a token of its own
+    assert shared_prefix_length([[1, 2]]) == 0
+    together = greedy_decode(model, rows, max_new_tokens=8, eos_ids=[], pad_token_id=0)
+    alone = [greedy_decode(model, [row], max_new_tokens=8, eos_ids=[], pad_token_id=0)[0] for row in rows]
+    assert together == alone
 
 
 def test_beam_search_refuses_early_stop(smollm2_dir, tmp_path):
