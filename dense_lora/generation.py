@@ -8,6 +8,7 @@ attention mask and is wrong. This module generates many prompts at once, correct
 * batches are formed from prompts sorted by token length, so little compute goes to padding;
 * the KV cache is on, and a row leaves the batch (its KV cache rows too) as soon as it ends: at EOS, or
   optionally as soon as its *score* can no longer change (:func:`first_match_is_final`);
+* the prompts' common token prefix (the instruction template) is prefilled once for the whole batch;
 * beam search (the published protocol) goes through ``model.generate`` unchanged.
 
 The response of a row is computed as the protocol does: decode prompt + generated tokens, split on
