@@ -66,7 +66,9 @@ def main(
 
     def one_by_one(beams: int) -> list[str]:
         return [
-            generate_with_transformers(loaded, tokenizer, [p], max_new_tokens=max_new_tokens, num_beams=beams)[0]
+            generate_with_transformers(
+                loaded, tokenizer, [p], max_new_tokens=max_new_tokens, num_beams=beams
+            )[0]
             for p in prompts
         ]
 

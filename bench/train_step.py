@@ -92,26 +92,6 @@ class Settings:
         return DTYPES[self.dtype]
 
 
-def tiny_config() -> Any:
-    """A small LLaMA with GQA and distinct hidden / intermediate / kv widths (like tests' make_tiny_llama)."""
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=512,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
-    )
-
-
 def uses_meta(settings: Settings) -> bool:
     """Shape models without a GPU are only counted (on meta), never run for time or memory."""
     return settings.model.endswith("-shape") and settings.device == "cpu"
@@ -125,11 +105,13 @@ def build_base(settings: Settings) -> nn.Module:
     """
     from transformers import AutoModelForCausalLM
 
-    from dense_lora.models import build_model_on_meta, published_config, smollm2_path
+    from dense_lora.models import build_model_on_meta, published_config, smollm2_path, tiny_llama_config
 
     torch.manual_seed(settings.seed)
     if settings.model == "tiny":
-        model = AutoModelForCausalLM.from_config(tiny_config()).to(settings.torch_dtype)
+        model = AutoModelForCausalLM.from_config(tiny_llama_config(max_position_embeddings=512)).to(
+            settings.torch_dtype
+        )
     elif settings.model == "smollm2":
         model = AutoModelForCausalLM.from_pretrained(smollm2_path(), dtype=settings.torch_dtype)
     elif settings.model.endswith("-shape"):

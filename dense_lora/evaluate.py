@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -633,32 +634,23 @@ def run(
 
 
 def cli(kind: Kind) -> Callable[..., None]:
-    """A fire entry point for one benchmark family: errors become ``error: ...`` and exit status 2."""
+    """A fire entry point for one benchmark family: errors become ``error: ...`` and exit status 2.
 
-    def main(
-        dataset: str,
-        base_model: str,
-        lora_weights: str | None = None,
-        batch_size: int = 1,
-        load_8bit: bool = False,
-        load_4bit: bool = False,
-        dtype: str = "auto",
-        num_beams: int = 1,
-        max_new_tokens: int | None = None,
-        limit: int | None = None,
-        extraction: str = "llm-adapters",
-        output_dir: str | None = None,
-        overwrite: bool = False,
-        seed: int = 42,
-        early_stop: bool = True,
-    ) -> None:
+    Its flags are :func:`run`'s parameters after ``kind`` (fire reads them from ``__signature__``).
+    """
+
+    def main(*args: Any, **flags: Any) -> None:
         try:
-            run(kind, **{name: value for name, value in locals().items() if name != "kind"})
+            run(kind, *args, **flags)
         except (EvaluationError, DataError, FileNotFoundError, ValueError) as error:
             message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             print(f"error: {message}", file=sys.stderr)
             sys.exit(2)
 
+    signature = inspect.signature(run)
+    main.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=list(signature.parameters.values())[1:], return_annotation=None
+    )
     main.__doc__ = (
         f"Evaluate a base model, optionally with a peft adapter, on the {kind} benchmarks "
         f"({', '.join(ACCEPTED[kind])}, or 'all') with the LLM-Adapters protocol. See docs/evaluation.md."

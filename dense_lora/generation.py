@@ -104,6 +104,10 @@ def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list
     return [configured] if isinstance(configured, int) else list(configured)
 
 
+def _model_device(model: PreTrainedModel) -> torch.device:
+    return model.device if hasattr(model, "device") else torch.device("cpu")
+
+
 def _encode_left_padded(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str]
 ) -> tuple[torch.Tensor, torch.Tensor, list[list[int]]]:
@@ -113,7 +117,7 @@ def _encode_left_padded(
             "batched generation needs a left-padding tokenizer (load_tokenizer(..., padding_side='left'))"
         )
     encoded = tokenizer(list(prompts), return_tensors="pt", padding=True)
-    device = model.device if hasattr(model, "device") else torch.device("cpu")
+    device = _model_device(model)
     prompt_rows = [
         ids[mask.bool()].tolist()
         for ids, mask in zip(encoded["input_ids"], encoded["attention_mask"], strict=True)
@@ -163,7 +167,7 @@ def greedy_decode(
     """
     from transformers import DynamicCache
 
-    device = model.device if hasattr(model, "device") else torch.device("cpu")
+    device = _model_device(model)
     cache = DynamicCache(config=model.config)
     prefix = shared_prefix_length(prompt_rows)
     if prefix:

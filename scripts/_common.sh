@@ -49,12 +49,19 @@ run_finetune() {
   "${launcher[@]}" "$REPO_ROOT/finetune.py" --output_dir "$output_dir" "${RECIPE[@]}" "$@"
 }
 
-# run_experiment DATA MODEL RANK ALPHA OUTPUT_DIR GPUS [finetune.py flags...]
-run_experiment() {
-  if [ $# -lt 6 ]; then
-    echo "usage: $(basename "$0") MODEL RANK ALPHA OUTPUT_DIR GPUS [finetune.py flags]" >&2
+# need_args COUNT USAGE "$@": stop with "usage: <script> USAGE" (exit 2) unless at least COUNT arguments were given.
+need_args() {
+  local count=$1 usage=$2
+  shift 2
+  if [ $# -lt "$count" ]; then
+    echo "usage: $(basename "$0") $usage" >&2
     exit 2
   fi
+}
+
+# run_experiment DATA MODEL RANK ALPHA OUTPUT_DIR GPUS [finetune.py flags...]
+run_experiment() {
+  need_args 6 "MODEL RANK ALPHA OUTPUT_DIR GPUS [finetune.py flags]" "$@"
   local data=$1 model=$2 rank=$3 alpha=$4 output_dir=$5 gpus=$6
   shift 6
   run_finetune "$gpus" "$output_dir" --base_model "$model" --data_path "$data" --lora_r "$rank" --lora_alpha "$alpha" "$@"

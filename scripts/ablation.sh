@@ -5,10 +5,7 @@
 #   only_matrix  no activation around the dense matrix M (--activation identity)
 #   bash scripts/ablation.sh MODEL RANK ALPHA OUTPUT_ROOT GPUS [flags]     (VARIANTS picks a subset)
 source "$(dirname "$0")/_common.sh"
-if [ $# -lt 5 ]; then
-  echo "usage: $(basename "$0") MODEL RANK ALPHA OUTPUT_ROOT GPUS [flags]" >&2
-  exit 2
-fi
+need_args 5 "MODEL RANK ALPHA OUTPUT_ROOT GPUS [flags]" "$@"
 model=$1 rank=$2 alpha=$3 root=$4 gpus=$5
 shift 5
 for variant in ${VARIANTS:-full freeze only_matrix}; do

@@ -8,10 +8,7 @@
 #   qkv+lora_ud  DenseLoRA on q,k,v; plain LoRA (rank r) on up,down, in the same adapter
 #   lora_qkv+ud  plain LoRA on q,k,v; DenseLoRA on up,down
 source "$(dirname "$0")/_common.sh"
-if [ $# -lt 5 ]; then
-  echo "usage: $(basename "$0") MODEL RANK ALPHA OUTPUT_ROOT GPUS [flags]" >&2
-  exit 2
-fi
+need_args 5 "MODEL RANK ALPHA OUTPUT_ROOT GPUS [flags]" "$@"
 model=$1 rank=$2 alpha=$3 root=$4 gpus=$5
 shift 5
 for variant in ${VARIANTS:-qkv ud qkvud qkv+lora_ud lora_qkv+ud}; do

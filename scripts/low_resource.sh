@@ -3,10 +3,7 @@
 # nested subsets), one run per fraction in OUTPUT_ROOT/frac<fraction>. FRACTIONS default: 0.1 ... 0.8.
 #   bash scripts/low_resource.sh MODEL RANK ALPHA OUTPUT_ROOT GPUS [flags]
 source "$(dirname "$0")/_common.sh"
-if [ $# -lt 5 ]; then
-  echo "usage: $(basename "$0") MODEL RANK ALPHA OUTPUT_ROOT GPUS [flags]" >&2
-  exit 2
-fi
+need_args 5 "MODEL RANK ALPHA OUTPUT_ROOT GPUS [flags]" "$@"
 model=$1 rank=$2 alpha=$3 root=$4 gpus=$5
 shift 5
 for fraction in ${FRACTIONS:-0.1 0.2 0.3 0.4 0.5 0.6 0.7 0.8}; do

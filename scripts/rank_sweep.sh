@@ -3,10 +3,7 @@
 # one run per rank in OUTPUT_ROOT/r<rank>.
 #   bash scripts/rank_sweep.sh MODEL OUTPUT_ROOT GPUS [flags]
 source "$(dirname "$0")/_common.sh"
-if [ $# -lt 3 ]; then
-  echo "usage: $(basename "$0") MODEL OUTPUT_ROOT GPUS [flags]" >&2
-  exit 2
-fi
+need_args 3 "MODEL OUTPUT_ROOT GPUS [flags]" "$@"
 model=$1 root=$2 gpus=$3
 shift 3
 for rank in ${RANKS:-4 8 16 32 64}; do

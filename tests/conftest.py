@@ -7,27 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
-
-def tiny_llama_config(**overrides) -> LlamaConfig:
-    """A LLaMA with GQA where hidden (64), intermediate (96), kv (32) dims all differ (and differ from r=8)."""
-    values = dict(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=256,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
-    )
-    values.update(overrides)
-    return LlamaConfig(**values)
+from dense_lora.models import tiny_llama_config
 
 
 def make_tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> LlamaForCausalLM:
