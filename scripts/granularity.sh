@@ -22,7 +22,7 @@ for variant in ${VARIANTS:-qkv ud qkvud qkv+lora_ud lora_qkv+ud}; do
   esac
   # A later --target_modules would repeat the recipe's flag; pass the variant's through the environment instead.
   if [ "${flags[0]:-}" = --target_modules ]; then
-    TARGET_MODULES=${flags[1]} run_experiment "$COMMONSENSE_DATA" "$model" "$rank" "$alpha" "$root/$variant" "$gpus" "$@"
+    TARGET_MODULES=${flags[1]} RECIPE_TARGETS=${flags[1]} run_experiment "$COMMONSENSE_DATA" "$model" "$rank" "$alpha" "$root/$variant" "$gpus" "$@"
   else
     run_experiment "$COMMONSENSE_DATA" "$model" "$rank" "$alpha" "$root/$variant" "$gpus" "${flags[@]}" "$@"
   fi
