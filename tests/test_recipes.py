@@ -58,7 +58,9 @@ def assert_published_recipe(flags: dict[str, object], family: str) -> None:
 
 
 def published_ranks(table: str, model: str) -> set[int]:
-    return {row["r"] for row in paper.table(table) if row["method"] == "DenseLoRA" and row.get("model") == model}
+    return {
+        row["r"] for row in paper.table(table) if row["method"] == "DenseLoRA" and row.get("model") == model
+    }
 
 
 @pytest.mark.parametrize("model", ["llama3-8b", "llama2-7b"])

@@ -1,0 +1,148 @@
+"""``python -m dense_lora.study``: run the replication study (every phase, resumable), then write its results."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .plan import METHODS, METHODS_BY_KEY, PROFILES
+from .runner import Study, StudyError, run_study
+
+FAMILIES = ("commonsense", "math")
+
+
+def environment(study: Study, seconds: float) -> dict[str, Any]:
+    """Machine, versions and the wall time of this invocation, for the results' provenance."""
+    import accelerate
+    import peft
+    import torch
+    import transformers
+
+    from .. import __version__
+
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in _cpuinfo() if line.startswith("model name")),
+        platform.processor(),
+    )
+    return {
+        "model": study.model,
+        "devices": study.devices,
+        "profile": study.profile.name,
+        "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "wall_time_s_this_invocation": round(seconds, 1),
+        "machine": {
+            "cpu": cpu,
+            "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "platform": platform.platform(),
+        },
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "peft": peft.__version__,
+            "accelerate": accelerate.__version__,
+            "dense_lora": __version__,
+        },
+    }
+
+
+def _cpuinfo() -> list[str]:
+    try:
+        return Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return []
+
+
+def parse(argv: list[str] | None) -> tuple[Study, Path]:
+    parser = argparse.ArgumentParser(prog="python -m dense_lora.study", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--model", default="smollm2", help="base model: alias (smollm2, llama3-8b), hub id or folder"
+    )
+    parser.add_argument("--devices", default="cpu", help="'cpu', or CUDA devices such as 0 or 0,1,2,3")
+    parser.add_argument(
+        "--profile", default="cpu", choices=sorted(PROFILES), help="sizes and schedule (plan.py)"
+    )
+    parser.add_argument("--families", default="commonsense,math", help="comma list of commonsense, math")
+    parser.add_argument(
+        "--methods", default="all", help="comma list of method keys (plan.py METHODS), or all"
+    )
+    parser.add_argument(
+        "--runs_dir", type=Path, default=None, help="run folders (default runs/study-MODEL-PROFILE)"
+    )
+    parser.add_argument(
+        "--results_dir", type=Path, default=None, help="tables, plots, report (default results/...)"
+    )
+    parser.add_argument("--dry_run", action="store_true", help="print every command of the plan, run nothing")
+    args = parser.parse_args(argv)
+    families = tuple(name.strip() for name in args.families.split(",") if name.strip())
+    if not families or any(name not in FAMILIES for name in families):
+        raise StudyError(f"--families must list {' and/or '.join(FAMILIES)}, got {args.families!r}")
+    if args.methods == "all":
+        methods = METHODS
+    else:
+        keys = [key.strip() for key in args.methods.split(",") if key.strip()]
+        unknown = [key for key in keys if key not in METHODS_BY_KEY]
+        if unknown or not keys:
+            raise StudyError(
+                f"unknown --methods {unknown or args.methods!r}; known: {', '.join(METHODS_BY_KEY)}"
+            )
+        methods = tuple(method for method in METHODS if method.key in keys)
+    profile = PROFILES[args.profile]
+    swept = {method.lr_group for method in methods if method.sweep}
+    for method in methods:
+        if method.lr_group not in swept and method.lr_group not in profile.fixed_lr:
+            sweeper = next(m.key for m in METHODS if m.sweep and m.lr_group == method.lr_group)
+            raise StudyError(
+                f"{method.key} trains at the rate swept on {sweeper}: add {sweeper} to --methods"
+            )
+    stem = f"study-{Path(args.model).name.lower()}-{args.profile}"
+    study = Study(
+        model=args.model,
+        devices=args.devices,
+        profile=profile,
+        runs_dir=args.runs_dir or Path("runs") / stem,
+        families=families,
+        methods=methods,
+        dry_run=args.dry_run,
+    )
+    return study, args.results_dir or Path("results") / stem
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        study, results_dir = parse(argv)
+        started = time.perf_counter()
+        runs = run_study(study)
+        if study.dry_run:
+            return 0
+        from ..analysis import analyse
+        from .aggregate import write_results
+
+        env = environment(study, time.perf_counter() - started)
+        write_results(study, runs, results_dir, env)
+        analysed = [
+            study.run_dir(run) for run in runs if run.family == "commonsense" and run.seed == runs[0].seed
+        ]
+        analyse(analysed, results_dir / "analysis", module="q_proj", layer=None, seed=0)
+        log = study.runs_dir / "commands.log"
+        if log.is_file():
+            (results_dir / "commands.log").write_text(log.read_text())
+        (results_dir / "environment.json").write_text(json.dumps(env, indent=2) + "\n")
+    except StudyError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"[study] results in {results_dir}/REPORT.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,216 @@
+"""The replication study's parts: the plan (learning-rate choice, seeds), the data (clean slices and their
+baselines), the aggregation (mean ± sd over seeds beside baselines) and the increments analysis."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from dense_lora.analysis import analyse, increments, near_zero_share, participation_ratio
+from dense_lora.study import aggregate
+from dense_lora.study.data import baselines, build_heldout, build_training
+from dense_lora.study.plan import METHODS_BY_KEY, PROFILES, Run, main_runs, select_learning_rates, sweep_runs
+from dense_lora.study.runner import Study
+
+
+def test_parameter_matched_pair_on_smollm2():
+    """LoRA r=2 is the LoRA closest to DenseLoRA r=32's count on SmolLM2 (the study's matched comparison)."""
+    layers, r = 30, 32
+    dims = {"q": (576, 576), "k": (576, 192), "v": (576, 192), "up": (576, 1536), "down": (1536, 576)}
+    dense = sum((i + o + layers * r) * r for i, o in dims.values())
+    lora = {rank: layers * rank * sum(i + o for i, o in dims.values()) for rank in (1, 2, 3)}
+    assert dense == 374_784 and lora[2] == 414_720
+    assert min(lora, key=lambda rank: abs(lora[rank] - dense)) == 2
+
+
+def test_learning_rate_is_chosen_on_validation_loss_per_family():
+    profile = PROFILES["cpu"]
+    sweep = sweep_runs(profile)
+    assert {run.method.key for run in sweep} == {"denselora-r32", "lora-r2", "vera-r256"}
+    assert all(run.is_sweep and run.seed == profile.seeds[0] for run in sweep)
+    losses = {run.name: 1.0 + abs(math.log10(run.lr) + 3) for run in sweep}  # best at 1e-3 for all
+    losses["vera-r256_lr0.01_s42"] = 0.5
+    chosen = select_learning_rates(profile, losses, sweep)
+    assert chosen == {"denselora": 1e-3, "lora": 1e-3, "vera": 1e-2}
+    # a family whose sweep is unfinished gets no rate, so none of its runs is planned yet
+    partial = {name: loss for name, loss in losses.items() if not name.startswith("lora-r2_lr0.003")}
+    assert "lora" not in select_learning_rates(profile, partial, sweep)
+    runs = main_runs(profile, select_learning_rates(profile, partial, sweep), ["commonsense"])
+    assert runs and all(run.method.lr_group != "lora" for run in runs)
+
+
+def test_headline_methods_get_every_seed_and_math_only_the_headline():
+    profile = PROFILES["cpu"]
+    runs = main_runs(profile, {"denselora": 1e-3, "lora": 1e-3, "vera": 1e-2}, ["commonsense", "math"])
+    seeds = {}
+    for run in runs:
+        seeds.setdefault((run.family, run.method.key), []).append(run.seed)
+    assert seeds[("commonsense", "denselora-r32")] == [42, 43, 44]
+    assert seeds[("commonsense", "lora-r2")] == [42, 43, 44]
+    assert seeds[("commonsense", "freeze-r128")] == [42]
+    assert {key for family, key in seeds if family == "math"} == {"denselora-r32", "lora-r2", "lora-r32"}
+
+
+def test_run_flags_are_the_paper_recipe_at_the_profile_scale():
+    profile = PROFILES["cpu"]
+    run = Run("commonsense", METHODS_BY_KEY["freeze-r128"], 1e-3, 43)
+    flags = run.finetune_flags(profile, "smollm2", "train.json", "out")
+    values = dict(zip(flags[::2], flags[1::2], strict=False))
+    assert values["--lora_r"] == "128" and values["--lora_alpha"] == "256"  # alpha = 2r
+    assert values["--lora_dropout"] == "0.05" and values["--num_epochs"] == "2"
+    assert (
+        values["--batch_size"] == "16" and values["--seed"] == "43" and values["--learning_rate"] == "0.001"
+    )
+    assert values["--method"] == "denselora" and values["--train_shared"] == "False"
+    assert flags[-1] == "--bf16"
+
+
+def test_baselines_count_each_records_options():
+    records = [
+        {"instruction": "Q? Answer format: answer1/answer2/answer3/answer4", "answer": "answer1"},
+        {"instruction": "Q? Answer format: true/false", "answer": "true"},
+        {"instruction": "Q? Answer format: true/false", "answer": "true"},
+        {"instruction": "Q? Answer format: true/false", "answer": "false"},
+    ]
+    chance, majority = baselines(records, "boolq")
+    assert chance == pytest.approx((1 / 4 + 3 / 2) / 4)
+    assert majority == pytest.approx(2 / 4)
+    assert baselines([{"instruction": "How many?", "answer": "4"}], "gsm8k") == (0.0, 1.0)
+    assert baselines([{"instruction": "(A) 1 (B) 2", "answer": "B"}], "AQuA")[0] == pytest.approx(0.2)
+
+
+def test_heldout_slices_drop_test_records_seen_in_training(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    train = [
+        {"instruction": f"question {i}", "input": "", "output": "x", "answer": "true"} for i in range(10)
+    ]
+    test = [
+        {"instruction": f"question  {i}", "input": "", "output": "x", "answer": "true"} for i in range(5, 15)
+    ]
+    (data / "dataset" / "boolq").mkdir(parents=True)
+    (data / "dataset" / "boolq" / "train.json").write_text(json.dumps(train))
+    (data / "dataset" / "boolq" / "test.json").write_text(json.dumps(test))
+    monkeypatch.setenv("DENSELORA_DATA", str(data))
+    slices = [
+        item
+        for item in build_heldout("commonsense", ["dataset/boolq/train.json"], 3, tmp_path / "out")
+        if item.dataset == "boolq"
+    ]
+    assert slices[0].excluded_overlap == 5  # "question  5" is "question 5" up to whitespace
+    assert slices[0].records == 3
+    kept = json.loads((tmp_path / "out" / "dataset" / "boolq" / "test.json").read_text())
+    assert [record["instruction"] for record in kept] == ["question  10", "question  11", "question  12"]
+    taken = build_training("commonsense", ["dataset/boolq/train.json"], 6, 2, tmp_path / "mix")
+    assert taken["dataset/boolq/train.json"] == {"available": 10, "train": 6, "validation": 2}
+    mix = json.loads((tmp_path / "mix" / "train_commonsense.json").read_text())
+    held = json.loads((tmp_path / "mix" / "validation_commonsense.json").read_text())
+    assert len(mix) == 6 and len(held) == 2
+    assert not {r["instruction"] for r in mix} & {r["instruction"] for r in held}
+
+
+def _fake_run(folder: Path, trainable: int, losses: dict, accuracy: dict) -> None:
+    folder.mkdir(parents=True)
+    (folder / "summary.json").write_text(
+        json.dumps(
+            {"status": "completed", "trainable_params": trainable, "trainable_share_pct": trainable / 1e6}
+        )
+    )
+    (folder / "heldout.json").write_text(
+        json.dumps({"losses": {name: {"loss": v} for name, v in losses.items()}})
+    )
+    (folder / "eval").mkdir()
+    for name, value in accuracy.items():
+        (folder / "eval" / f"{name}.json").write_text(json.dumps({"dataset": name, "accuracy": value}))
+
+
+def test_aggregation_reports_seed_spread_beside_baselines(tmp_path):
+    study = Study("tiny", "cpu", PROFILES["cpu"], tmp_path, families=("commonsense",))
+    slices = [
+        {
+            "dataset": "boolq",
+            "family": "commonsense",
+            "records": 4,
+            "excluded_overlap": 0,
+            "chance": 0.5,
+            "majority": 0.75,
+        },
+        {
+            "dataset": "ARC-Easy",
+            "family": "commonsense",
+            "records": 4,
+            "excluded_overlap": 0,
+            "chance": 0.25,
+            "majority": 0.5,
+        },
+    ]
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "manifest.json").write_text(json.dumps({"slices": slices}))
+    runs = [Run("commonsense", METHODS_BY_KEY["denselora-r32"], 1e-3, seed) for seed in (42, 43, 44)]
+    runs += [Run("commonsense", METHODS_BY_KEY["lora-r2"], 1e-3, seed) for seed in (42, 43, 44)]
+    for index, run in enumerate(runs):
+        dense = run.method.key.startswith("dense")
+        loss = (1.0 if dense else 1.2) + 0.01 * (index % 3)
+        _fake_run(
+            study.run_dir(run),
+            374_784 if dense else 414_720,
+            {"validation": loss, "boolq": loss, "ARC-Easy": loss + 0.2},
+            {"boolq": 0.6, "ARC-Easy": 0.3 + 0.1 * (index % 3)},
+        )
+    _fake_run(
+        tmp_path / "commonsense" / "base", 0, {"boolq": 3.0, "ARC-Easy": 3.0}, {"boolq": 0.1, "ARC-Easy": 0.0}
+    )
+    text = aggregate.write_results(study, runs, tmp_path / "results", {"machine": "test"})
+    assert (
+        "| DenseLoRA r=32 | 374,784 | 0.375 | 3 | 1.1100 ± 0.0100 | 50.0 ± 5.0 | 60.0 ± 0.0 | 40.0 ± 10.0 |"
+        in text
+    )
+    assert "| base model (no adapter) | 0 | 0.000 | 1 | 3.0000 | 5.0 |" in text
+    assert "| chance (uniform guess) |  |  |  |  | 37.5 | 50.0 | 25.0 |" in text
+    assert "| majority class of the slice |  |  |  |  | 62.5 | 75.0 | 50.0 |" in text
+    assert (
+        "held-out loss 1.1100 ± 0.0100 vs 1.3100 ± 0.0100 (difference -0.2000, Welch t = -24.49 (beyond the seed noise)"
+        in text
+    )
+    assert (tmp_path / "results" / "commonsense_loss.png").stat().st_size > 1000
+    rows = (tmp_path / "results" / "runs.csv").read_text().splitlines()
+    assert len(rows) == 1 + 6 + 1
+
+
+def test_density_statistics():
+    dense = torch.ones(8, 8)
+    sparse = torch.zeros(8, 8)
+    sparse[0, :2] = 1.0
+    assert near_zero_share(dense) == 0.0 and participation_ratio(dense) == pytest.approx(1.0)
+    assert near_zero_share(sparse) == pytest.approx(62 / 64)
+    assert participation_ratio(sparse) == pytest.approx(2 / 64)
+    gaussian = torch.randn(256, 256, generator=torch.Generator().manual_seed(0))
+    assert participation_ratio(gaussian) == pytest.approx(2 / math.pi, abs=0.01)
+
+
+def test_analysis_of_two_adapter_folders(tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    key_m = "base_model.model.model.layers.1.self_attn.q_proj.denselora_M"
+    key_a = "base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"
+    for name, key, shape in (("dense", key_m, (4, 4)), ("lora", key_a, (4, 16))):
+        run = tmp_path / name
+        (run / "adapter_init").mkdir(parents=True)
+        start = torch.randn(*shape, generator=generator)
+        delta = torch.zeros(*shape)
+        delta[:, 0] = 1.0 if name == "lora" else 0.0
+        if name == "dense":
+            delta += 1.0
+        save_file({key: start}, str(run / "adapter_init" / "adapter_model.safetensors"))
+        save_file({key: start + delta}, str(run / "adapter_model.safetensors"))
+    text = analyse(
+        [tmp_path / "dense", tmp_path / "lora"], tmp_path / "out", module="q_proj", layer=None, seed=0
+    )
+    assert "| dense | ΔM | 1 | 4x4 | 0.000 | 1.000 |" in text
+    assert "| lora | ΔA | 1 | 4x16 | 0.938 | 0.062 |" in text
+    assert (tmp_path / "out" / "increments_heatmaps.png").is_file()
+    with pytest.raises(Exception, match="different tensors"):
+        increments({"a.denselora_M": torch.zeros(2, 2)}, {"b.denselora_M": torch.zeros(2, 2)})
