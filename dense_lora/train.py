@@ -32,7 +32,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from datasets import Dataset
-from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from peft import (
+    LoraConfig,
+    PeftConfig,
+    PeftModel,
+    VeraConfig,
+    get_peft_model,
+    prepare_model_for_kbit_training,
+)
 from tqdm.auto import tqdm
 from transformers import (
     PreTrainedTokenizerBase,
@@ -54,7 +61,8 @@ from .data import (
 )
 from .models import load_base_model, load_tokenizer
 
-ADAPTER_NAMES = ("denselora", "lora", "dora")
+METHODS = ("denselora", "lora", "dora", "vera")
+ADAPTER_NAMES = METHODS  # the name of --method before it was renamed; kept for callers that import it
 # Exit status of a run stopped by SIGTERM after saving a checkpoint: EX_TEMPFAIL ("try again later"), so a
 # job wrapper can tell "resume me" (75) from success (0) and from failure (anything else).
 INTERRUPTED_EXIT_CODE = 75
@@ -66,7 +74,10 @@ CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 # Written last by Trainer._save_checkpoint: a checkpoint folder without it was cut off mid-save.
 TRAINER_STATE_FILE = "trainer_state.json"
 # Config fields that do not change what a run computes, so two runs differing only in them are the same run.
-BOOKKEEPING_FIELDS = ("output_dir", "resume_from_checkpoint", "overwrite", "wandb_project")
+BOOKKEEPING_FIELDS = ("output_dir", "resume_from_checkpoint", "overwrite", "wandb_project", "adapter_name")
+# The adapter's weights before the first optimiser step, kept so `python -m dense_lora.analysis` can measure
+# the increments training made (the paper's Figures 5-6) for any method.
+ADAPTER_INIT_DIR = "adapter_init"
 
 
 class TrainError(Exception):
@@ -84,7 +95,9 @@ class TrainConfig:
     base_model: str = ""
     data_path: str = "ft-training_set/commonsense_170k.json"
     output_dir: str = "./denselora-out"
-    adapter_name: str = "denselora"
+    method: str = "denselora"
+    # Deprecated spelling of --method: in peft an adapter name names an adapter, not a method.
+    adapter_name: str | None = None
     # training hyperparameters
     batch_size: int = 16
     micro_batch_size: int = 4
@@ -182,9 +195,16 @@ class TrainConfig:
             _is_number(self.lora_alpha) and self.lora_alpha > 0,
             f"--lora_alpha must be positive, got {self.lora_alpha!r}",
         )
+        if self.adapter_name is not None:
+            _require(
+                self.method in ("denselora", self.adapter_name),
+                "--adapter_name is the deprecated spelling of --method; pass only --method",
+            )
+            print("note: --adapter_name is deprecated; use --method", file=sys.stderr)
+            self.method, self.adapter_name = self.adapter_name, None
         _require(
-            self.adapter_name in ADAPTER_NAMES,
-            f"unknown --adapter_name {self.adapter_name!r}; choose one of {', '.join(ADAPTER_NAMES)}",
+            self.method in METHODS,
+            f"unknown --method {self.method!r}; choose one of {', '.join(METHODS)}",
         )
         _require(
             self.padding_side in ("left", "right"),
@@ -198,10 +218,10 @@ class TrainConfig:
             bool(self.base_model), "--base_model is required (a local HF folder, a hub id, or 'smollm2')"
         )
         _require(bool(self.output_dir), "--output_dir is required")
-        if self.adapter_name != "denselora":
+        if self.method != "denselora":
             _require(
                 self.activation == "gelu" and self.train_shared and not self.lora_modules,
-                "--activation, --train_shared and --lora_modules only apply to --adapter_name denselora",
+                "--activation, --train_shared and --lora_modules only apply to --method denselora",
             )
         if self.save_step % self.eval_step and self.load_best_model_at_end and self.val_set_size:
             raise TrainError(
@@ -300,7 +320,7 @@ def gradient_accumulation_steps(config: TrainConfig, processes: int) -> int:
 
 
 def build_peft_config(config: TrainConfig) -> PeftConfig:
-    """The adapter config for DenseLoRA, or real peft LoRA / DoRA for the baselines, from the same flags."""
+    """The adapter config for DenseLoRA, or real peft LoRA / DoRA / VeRA for the baselines, from the same flags."""
     common = dict(
         r=config.lora_r,
         lora_alpha=config.lora_alpha,
@@ -309,7 +329,18 @@ def build_peft_config(config: TrainConfig) -> PeftConfig:
         task_type="CAUSAL_LM",
     )
     try:
-        if config.adapter_name == "denselora":
+        if config.method == "vera":
+            # VeRA has no alpha; its frozen random projections come from the run's seed and are saved with
+            # the adapter so a saved run reloads without regenerating them.
+            return VeraConfig(
+                r=config.lora_r,
+                target_modules=list(config.target_modules),
+                vera_dropout=config.lora_dropout,
+                projection_prng_key=config.seed,
+                save_projection=True,
+                task_type="CAUSAL_LM",
+            )
+        if config.method == "denselora":
             return DenseLoraConfig(
                 **common,
                 activation=config.activation,
@@ -317,7 +348,7 @@ def build_peft_config(config: TrainConfig) -> PeftConfig:
                 lora_modules=config.lora_modules,
                 init_seed=config.seed,
             )
-        return LoraConfig(**common, bias="none", use_dora=config.adapter_name == "dora")
+        return LoraConfig(**common, bias="none", use_dora=config.method == "dora")
     except ValueError as error:
         raise TrainError(f"invalid adapter settings: {error}") from None
 
@@ -346,7 +377,7 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 
 def _run_artifacts(output_dir: Path) -> list[Path]:
     """Files and folders a run writes into its output folder (what --overwrite removes, nothing else)."""
-    names = (*ADAPTER_FILES, RUN_CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, "README.md")
+    names = (*ADAPTER_FILES, RUN_CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, "README.md", ADAPTER_INIT_DIR)
     return [output_dir / name for name in names if (output_dir / name).exists()] + [
         path for _, path in _checkpoints(output_dir)
     ]
@@ -376,6 +407,8 @@ def check_output_dir(config: TrainConfig) -> None:
         saved = json.loads(saved_file.read_text())
     except json.JSONDecodeError:
         raise TrainError(f"{saved_file} is not valid JSON; pass --overwrite to replace the run") from None
+    if "adapter_name" in saved and "method" not in saved:  # written before --adapter_name became --method
+        saved["method"] = saved.pop("adapter_name")
     current = json.loads(json.dumps(config.fingerprint()))  # same JSON types as the saved copy
     differing = sorted(key for key in set(saved) | set(current) if saved.get(key) != current.get(key))
     if differing:
@@ -718,6 +751,8 @@ def run(config: TrainConfig) -> dict[str, Any]:
             _clear_previous_run(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(output_dir / RUN_CONFIG_FILE, config.fingerprint())
+        if resume is None:
+            model.save_pretrained(str(output_dir / ADAPTER_INIT_DIR))
     trainer.accelerator.wait_for_everyone()
 
     started = time.perf_counter()
@@ -735,7 +770,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
     tokens_this_process = state.num_input_tokens_seen - tokens_before
     summary = {
         "status": "interrupted" if interrupted else "completed",
-        "method": config.adapter_name,
+        "method": config.method,
         "base_model": config.base_model,
         **counts,
         "global_step": state.global_step,

@@ -19,4 +19,4 @@ esac
 LR=${LR:-$RECIPE_LR}
 data=$COMMONSENSE_DATA
 [ "${DATA:-commonsense}" = math ] && data=$MATH_DATA
-run_experiment "$data" "$@" --adapter_name "$method"
+run_experiment "$data" "$@" --method "$method"

@@ -72,7 +72,7 @@ BAD_INPUTS: dict[str, tuple[dict[str, Any], str]] = {
     "batch not divisible": ({"batch_size": 6, "micro_batch_size": 4}, "not divisible"),
     "cutoff_len too small": ({"cutoff_len": 8, "train_on_inputs": False}, "keeps a label token"),
     "another run in output_dir": ({"output_dir": "{tmp}/other_run"}, "holds a different run"),
-    "unknown adapter_name": ({"adapter_name": "vera"}, "unknown --adapter_name"),
+    "unknown method": ({"method": "loha"}, "unknown --method"),
     "unknown target module": ({"target_modules": "q_proj,qq_proj"}, "unknown target modules"),
     "r larger than a module": ({"lora_r": 48}, "larger than"),
     "resume from nothing": ({"resume_from_checkpoint": "{tmp}/nowhere"}, "not a complete checkpoint"),

@@ -143,10 +143,10 @@ def test_rank_sweep_spans_figure4():
 
 def test_baseline_uses_the_learning_rate_of_the_quoted_dora_scripts():
     (lora,), stderr = dry_run("baseline.sh", "lora", "llama3-8b", "32", "64", "runs/lora", "0")
-    assert float(lora["learning_rate"]) == 1e-4 and lora["adapter_name"] == "lora"
+    assert float(lora["learning_rate"]) == 1e-4 and lora["method"] == "lora"
     assert "note:" not in stderr
     (dora,), _ = dry_run("baseline.sh", "dora", "llama2-7b", "32", "64", "runs/dora", "0")
-    assert float(dora["learning_rate"]) == 2e-4 and dora["adapter_name"] == "dora"
+    assert float(dora["learning_rate"]) == 2e-4 and dora["method"] == "dora"
 
 
 def test_overrides_are_explicit_and_reported(tmp_path):

@@ -168,19 +168,53 @@ def test_loss_falls_on_real_records(tiny_base, train_file, tmp_path):
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.1, losses
 
 
-@pytest.mark.parametrize("adapter_name", ["lora", "dora"])
-def test_peft_baselines_train_in_the_same_harness(adapter_name, tiny_base, train_file, tmp_path):
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_peft_baselines_train_in_the_same_harness(method, tiny_base, train_file, tmp_path):
+    summary = run(
+        TrainConfig(**small_run(tiny_base, train_file, tmp_path, method=method, max_steps=2, val_set_size=0))
+    )
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["peft_type"] == "LORA" and saved["use_dora"] is (method == "dora")
+    assert saved["r"] == 8 and saved["lora_alpha"] == 16
+    assert summary["method"] == method and summary["global_step"] == 2
+
+
+def test_vera_trains_and_keeps_its_initial_adapter(tiny_base, train_file, tmp_path):
+    """VeRA (the paper's other shared-matrix baseline) runs in the harness; adapter_init/ holds step 0."""
     summary = run(
         TrainConfig(
             **small_run(
-                tiny_base, train_file, tmp_path, adapter_name=adapter_name, max_steps=2, val_set_size=0
+                tiny_base, train_file, tmp_path, method="vera", max_steps=2, val_set_size=0, lora_r=16
             )
         )
     )
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert saved["peft_type"] == "LORA" and saved["use_dora"] is (adapter_name == "dora")
-    assert saved["r"] == 8 and saved["lora_alpha"] == 16
-    assert summary["method"] == adapter_name and summary["global_step"] == 2
+    assert saved["peft_type"] == "VERA" and saved["r"] == 16 and saved["projection_prng_key"] == 42
+    assert summary["method"] == "vera" and summary["global_step"] == 2
+    start = load_file(tmp_path / "adapter_init" / "adapter_model.safetensors")
+    end = load_file(tmp_path / "adapter_model.safetensors")
+    lambdas = [key for key in end if "vera_lambda_b" in key]
+    assert lambdas and all(torch.count_nonzero(start[key]) == 0 for key in lambdas)  # VeRA starts at b = 0
+    assert any(torch.count_nonzero(end[key]) > 0 for key in lambdas)  # and training moved it
+
+
+def test_adapter_name_is_a_deprecated_spelling_of_method(capsys):
+    config = TrainConfig(base_model="x", adapter_name="dora")
+    assert (config.method, config.adapter_name) == ("dora", None)
+    assert "--adapter_name is deprecated; use --method" in capsys.readouterr().err
+    with pytest.raises(TrainError, match="pass only --method"):
+        TrainConfig(base_model="x", adapter_name="dora", method="lora")
+
+
+def test_folder_written_before_the_rename_still_resumes(tmp_path):
+    config = TrainConfig(base_model="x", output_dir=str(tmp_path), method="lora")
+    old = config.fingerprint()
+    old["adapter_name"] = old.pop("method")
+    (tmp_path / "run_config.json").write_text(json.dumps(old))
+    (tmp_path / "adapter_config.json").write_text("{}")
+    check_output_dir(config)  # same run: accepted
+    with pytest.raises(TrainError, match="differs in method"):
+        check_output_dir(TrainConfig(base_model="x", output_dir=str(tmp_path), method="dora"))
 
 
 def test_bf16_run_keeps_float32_trainable_weights(tiny_base, train_file, tmp_path):
@@ -230,18 +264,18 @@ def test_ablation_flags_reach_the_adapter_config():
     assert (freeze.train_shared, freeze.activation) == (False, "identity")
     mixed = build_peft_config(TrainConfig(base_model="x", lora_modules="up_proj,down_proj"))
     assert mixed.lora_modules == ["down_proj", "up_proj"]
-    dora = build_peft_config(TrainConfig(base_model="x", adapter_name="dora"))
+    dora = build_peft_config(TrainConfig(base_model="x", method="dora"))
     assert dora.use_dora and dora.peft_type.value == "LORA"
 
 
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        ({"adapter_name": "vera"}, "unknown --adapter_name"),
+        ({"method": "loha"}, "unknown --method"),
         ({"lora_r": 0}, "--lora_r must be a positive integer"),
         ({"bf16": True, "fp16": True}, "mutually exclusive"),
         ({"data_fraction": 1.5}, "--data_fraction"),
-        ({"activation": "identity", "adapter_name": "lora"}, "only apply to --adapter_name denselora"),
+        ({"activation": "identity", "method": "lora"}, "only apply to --method denselora"),
         ({"save_step": 30, "eval_step": 20}, "multiple of --eval_step"),
         ({"no_such_flag": 1}, "unknown flag"),
         ({"train_shared": "maybe"}, "must be true or false"),
