@@ -290,14 +290,14 @@ def run_study(study: Study) -> list[Run]:
     learning_rates, sweep = choose_learning_rates(study)
     runs = main_runs(study.profile, learning_rates, study.families, study.methods)
     swept = {run.name for run in sweep}
-    train(
-        study,
-        [run for run in runs if not (study.dry_run and run.family == "commonsense" and run.name in swept)],
-    )
-    base = [(study.runs_dir / family / BASE, family, True) for family in study.families]
-    evaluate_heldout(study, base + [(study.run_dir(run), run.family, True) for run in runs])
     for family in study.families:
+        evaluate_heldout(study, [(study.runs_dir / family / BASE, family, True)])
         evaluate_accuracy(study, study.runs_dir / family / BASE, family)
+    # Each run is trained and scored before the next starts, so a study stopped early has complete results
+    # for every run it reached (main_runs orders them so that those cover the whole grid first).
     for run in runs:
+        if not (study.dry_run and run.family == "commonsense" and run.name in swept):
+            train(study, [run])
+        evaluate_heldout(study, [(study.run_dir(run), run.family, True)])
         evaluate_accuracy(study, study.run_dir(run), run.family)
     return runs
