@@ -29,7 +29,7 @@ def test_parameter_matched_pair_on_smollm2():
 
 
 def test_learning_rate_is_chosen_on_validation_loss_per_family():
-    profile = PROFILES["cpu"]
+    profile = PROFILES["cpu-long"]
     sweep = sweep_runs(profile)
     assert {run.method.key for run in sweep} == {"denselora-r32", "lora-r2"}  # VeRA: a fixed rate
     assert all(run.is_sweep and run.seed == profile.seeds[0] for run in sweep)
@@ -45,7 +45,7 @@ def test_learning_rate_is_chosen_on_validation_loss_per_family():
 
 
 def test_headline_methods_get_every_seed_and_math_only_the_headline():
-    profile = PROFILES["cpu"]
+    profile = PROFILES["cpu-long"]
     runs = main_runs(profile, {"denselora": 1e-3, "lora": 1e-3, "vera": 1e-2}, ["commonsense", "math"])
     seeds = {}
     for run in runs:
@@ -60,15 +60,13 @@ def test_headline_methods_get_every_seed_and_math_only_the_headline():
 
 
 def test_run_flags_are_the_paper_recipe_at_the_profile_scale():
-    profile = PROFILES["cpu"]
+    profile = PROFILES["cpu-long"]
     run = Run("commonsense", METHODS_BY_KEY["freeze-r128"], 1e-3, 43)
     flags = run.finetune_flags(profile, "smollm2", "train.json", "out")
     values = dict(zip(flags[::2], flags[1::2], strict=False))
     assert values["--lora_r"] == "128" and values["--lora_alpha"] == "256"  # alpha = 2r
     assert values["--lora_dropout"] == "0.05" and values["--num_epochs"] == "2"
-    assert (
-        values["--batch_size"] == "8" and values["--seed"] == "43" and values["--learning_rate"] == "0.001"
-    )
+    assert values["--batch_size"] == "8" and values["--seed"] == "43" and values["--learning_rate"] == "0.001"
     assert values["--method"] == "denselora" and values["--train_shared"] == "False"
     assert flags[-1] == "--bf16"
 
@@ -132,7 +130,7 @@ def _fake_run(folder: Path, trainable: int, losses: dict, accuracy: dict) -> Non
 
 
 def test_aggregation_reports_seed_spread_beside_baselines(tmp_path):
-    study = Study("tiny", "cpu", PROFILES["cpu"], tmp_path, families=("commonsense",))
+    study = Study("tiny", "cpu", PROFILES["cpu-long"], tmp_path, families=("commonsense",))
     slices = [
         {
             "dataset": "boolq",

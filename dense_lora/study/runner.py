@@ -215,7 +215,7 @@ def evaluate_heldout(study: Study, targets: Sequence[tuple[Path, str, bool]]) ->
     device = "cpu" if study.devices == "cpu" else "cuda:0"
     for folder, sets, key in pending:
         print(f"[study] held-out loss: {folder}", flush=True)
-        model = load_base_model(study.model, dtype="float32" if device == "cpu" else "bfloat16").to(device)
+        model = load_base_model(study.model, dtype=study.eval_dtype).to(device)
         if folder.name != BASE:
             from peft import PeftModel  # DenseLoRA is registered: this package is imported
 
