@@ -1,0 +1,57 @@
+"""The quickstart on the real SmolLM2-135M-Instruct at a tiny size: it prints baselines and held-out losses."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from dense_lora import quickstart
+from dense_lora.data import load_records
+
+
+@pytest.fixture(scope="module")
+def arc_present() -> None:
+    for name in quickstart.DATASETS:
+        try:
+            load_records(f"dataset/{name}/test.json")
+        except FileNotFoundError as error:
+            pytest.skip(str(error))
+
+
+def test_reference_baselines_count_options_and_labels(arc_present):
+    reference = quickstart.reference_baselines(8)
+    for name in quickstart.DATASETS:
+        records = load_records(f"dataset/{name}/test.json")[:8]
+        options = [record["instruction"].split("Answer format:")[-1].strip().split("/") for record in records]
+        chance, majority = reference[name]
+        assert chance == pytest.approx(sum(1 / len(o) for o in options) / 8)
+        answers = [record["answer"] for record in records]
+        assert majority == max(answers.count(a) for a in set(answers)) / 8
+
+
+def test_quickstart_prints_baselines_and_a_falling_answer_loss(arc_present, tmp_path, capsys, smollm2_dir):
+    quickstart.main(
+        output_dir=str(tmp_path),
+        train_per_dataset=8,
+        eval_limit=4,
+        eval_batch_size=8,
+        lora_r=8,
+        learning_rate=5e-3,
+        num_epochs=3,
+    )
+    out = capsys.readouterr().out
+    assert "| dataset | examples | chance | majority | accuracy before | accuracy after |" in out
+    rows = {
+        line.split("|")[1].strip(): line.split("|")[2:-1]
+        for line in out.splitlines()
+        if line.startswith("| ARC")
+    }
+    assert set(rows) == set(quickstart.DATASETS)
+    for name, cells in rows.items():
+        values = [float(cell) for cell in cells]
+        assert values[0] == 4 and values[1] == pytest.approx(
+            quickstart.reference_baselines(4)[name][0], abs=1e-3
+        )
+        loss_before, loss_after = values[-2], values[-1]
+        assert math.isfinite(loss_before) and loss_after < loss_before, (name, loss_before, loss_after)
