@@ -34,8 +34,8 @@ def test_quickstart_prints_baselines_and_a_falling_answer_loss(arc_present, tmp_
     quickstart.main(
         output_dir=str(tmp_path),
         train_per_dataset=8,
-        eval_limit=4,
-        eval_batch_size=8,
+        eval_limit=3,
+        eval_batch_size=4,
         lora_r=8,
         learning_rate=5e-3,
         num_epochs=3,

@@ -292,12 +292,15 @@ def run_study(study: Study) -> list[Run]:
     swept = {run.name for run in sweep}
     for family in study.families:
         evaluate_heldout(study, [(study.runs_dir / family / BASE, family, True)])
-        evaluate_accuracy(study, study.runs_dir / family / BASE, family)
-    # Each run is trained and scored before the next starts, so a study stopped early has complete results
-    # for every run it reached (main_runs orders them so that those cover the whole grid first).
+    # Each run is trained and its held-out loss measured before the next starts, so a study stopped early has
+    # complete loss results for every run it reached (main_runs orders them so those cover the whole grid first).
+    # Generation accuracy, the slowest and (at small scale) the noisiest measure, comes after all of them.
     for run in runs:
         if not (study.dry_run and run.family == "commonsense" and run.name in swept):
             train(study, [run])
         evaluate_heldout(study, [(study.run_dir(run), run.family, True)])
+    for family in study.families:
+        evaluate_accuracy(study, study.runs_dir / family / BASE, family)
+    for run in runs:
         evaluate_accuracy(study, study.run_dir(run), run.family)
     return runs
