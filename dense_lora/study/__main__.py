@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .plan import METHODS, METHODS_BY_KEY, PROFILES
-from .runner import Study, StudyError, run_study
+from .runner import Study, StudyError, planned_runs, run_study
 
 FAMILIES = ("commonsense", "math")
 
@@ -62,7 +62,7 @@ def _cpuinfo() -> list[str]:
         return []
 
 
-def parse(argv: list[str] | None) -> tuple[Study, Path]:
+def parse(argv: list[str] | None) -> tuple[Study, Path, bool]:
     parser = argparse.ArgumentParser(prog="python -m dense_lora.study", description=__doc__.splitlines()[0])
     parser.add_argument(
         "--model", default="smollm2", help="base model: alias (smollm2, llama3-8b), hub id or folder"
@@ -82,6 +82,11 @@ def parse(argv: list[str] | None) -> tuple[Study, Path]:
         "--results_dir", type=Path, default=None, help="tables, plots, report (default results/...)"
     )
     parser.add_argument("--dry_run", action="store_true", help="print every command of the plan, run nothing")
+    parser.add_argument(
+        "--report_only",
+        action="store_true",
+        help="train and evaluate nothing: write results/ from the runs finished so far (a study stopped early)",
+    )
     args = parser.parse_args(argv)
     families = tuple(name.strip() for name in args.families.split(",") if name.strip())
     if not families or any(name not in FAMILIES for name in families):
@@ -114,14 +119,16 @@ def parse(argv: list[str] | None) -> tuple[Study, Path]:
         methods=methods,
         dry_run=args.dry_run,
     )
-    return study, args.results_dir or Path("results") / stem
+    return study, args.results_dir or Path("results") / stem, args.report_only
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        study, results_dir = parse(argv)
+        study, results_dir, report_only = parse(argv)
         started = time.perf_counter()
-        runs = run_study(study)
+        if report_only and not (study.data_dir / "manifest.json").is_file():
+            raise StudyError(f"--report_only: {study.runs_dir} holds no study (no data/manifest.json)")
+        runs = planned_runs(study) if report_only else run_study(study)
         if study.dry_run:
             return 0
         from ..analysis import analyse

@@ -281,6 +281,12 @@ def choose_learning_rates(study: Study) -> tuple[dict[str, float], list[Run]]:
     return chosen, sweep
 
 
+def planned_runs(study: Study) -> list[Run]:
+    """The reported runs without running anything: the rates chosen by a finished sweep, or the fixed ones."""
+    chosen = (_read_json(study.runs_dir / "learning_rates.json") or {}).get("chosen", {})
+    return main_runs(study.profile, {**study.profile.fixed_lr, **chosen}, study.families, study.methods)
+
+
 def run_study(study: Study) -> list[Run]:
     """Every phase in order; returns the reported runs (the sweep runs are in RUNS too)."""
     if study.dry_run:
