@@ -45,6 +45,18 @@ class DenseLoraConfig(PeftConfig):
 
     Dropout sits where the authors' layer puts it: on the input, after the encoder activation and after the decoder
     activation (the same probability ``lora_dropout`` each time).
+
+    Initialisation. With ``train_shared=True`` (the paper's default) ``W_e`` and ``M`` are Kaiming-uniform and
+    ``W_d`` is zero, so the adapted model starts as the base and every weight trains.
+
+    ``train_shared=False`` is the paper's "Freeze" (Table 4), whose init the paper does not state. Freezing the default
+    init would freeze ``W_d`` at zero: the update would stay zero and ``M`` would get no gradient, so "Freeze" would
+    report the base model. Here Freeze instead keeps ``W_e`` and ``W_d`` as *frozen random* tensors (Kaiming-uniform,
+    drawn from ``init_seed``) and starts ``M`` at zero: the adapted model still equals the base at step 0, and
+    ``dL/dM = s * W_d^T g act(W_e x)^T`` is non-zero, so ``M`` learns while ``W_e``/``W_d`` never change. The frozen
+    tensors are buffers (not parameters without grad), saved in the adapter file so a Freeze adapter reloads exactly;
+    only the ``M`` matrices count as trainable (``layers * r * r`` per module type).
+    ``init_weights=False`` makes the update non-zero from the start (random ``W_d``, or random ``M`` for Freeze).
     """
 
     r: int = field(
@@ -73,7 +85,8 @@ class DenseLoraConfig(PeftConfig):
     train_shared: bool = field(
         default=True,
         metadata={
-            "help": "Train the shared encoder/decoder. False freezes them at init: the paper's 'Freeze'."
+            "help": "Train the shared encoder/decoder. False is the paper's 'Freeze': W_e and W_d are frozen random "
+            "buffers and M starts at zero, so only M trains (see the class docstring)."
         },
     )
     lora_modules: list[str] | None = field(
@@ -86,7 +99,7 @@ class DenseLoraConfig(PeftConfig):
     init_weights: bool = field(
         default=True,
         metadata={
-            "help": "Zero-initialise the decoder (W_d, and LoRA's B) so the adapted model starts as the base."
+            "help": "Start the adapted model as the base: zero W_d (and LoRA's B), or zero M when train_shared=False."
         },
     )
     init_seed: int | None = field(

@@ -143,7 +143,10 @@ class DenseLoraLayer(BaseTunerLayer):
             self.denselora_A[adapter_name] = nn.Parameter(lora_a.to(device))
             self.denselora_B[adapter_name] = nn.Parameter(lora_b.to(device))
         else:
-            self.denselora_M[adapter_name] = nn.Parameter(init_tensor((r, r), generator).to(device))
+            # Freeze (frozen random W_e/W_d) starts M at zero so the model starts as the base; see DenseLoraConfig
+            zero_middle = config.init_weights and not config.train_shared
+            middle = init_tensor((r, r), generator, zeros=zero_middle)
+            self.denselora_M[adapter_name] = nn.Parameter(middle.to(device))
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:

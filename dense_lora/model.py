@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 
 import torch
+from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import (
     BaseTuner,
     BaseTunerLayer,
@@ -105,10 +106,20 @@ class DenseLoraModel(BaseTuner):
         key: str,
         device: torch.device,
     ) -> None:
-        """Create W_e/W_d the first time a module type is met; later layers of that type must have the same dims."""
+        """Create W_e/W_d the first time a module type is met; later layers of that type must have the same dims.
+
+        Trained shared weights are Parameters (W_d zero when ``init_weights``). Frozen ones (``train_shared=False``,
+        the paper's "Freeze") are persistent buffers with a random W_d: a frozen zero W_d would make the update, and
+        M's gradient, zero forever; buffers keep them out of ``parameters()`` (optimizers, trainable counts) while
+        the adapter file still carries them, so a saved Freeze adapter reloads exactly.
+        """
         if adapter_name not in self.denselora_encoder:
-            self.denselora_encoder[adapter_name] = nn.ParameterDict()
-            self.denselora_decoder[adapter_name] = nn.ParameterDict()
+            if config.train_shared:
+                self.denselora_encoder[adapter_name] = nn.ParameterDict()
+                self.denselora_decoder[adapter_name] = nn.ParameterDict()
+            else:
+                self.denselora_encoder[adapter_name] = BufferDict(persistent=True)
+                self.denselora_decoder[adapter_name] = BufferDict(persistent=True)
         encoders, decoders = self.denselora_encoder[adapter_name], self.denselora_decoder[adapter_name]
         r = config.r
         if module_type in encoders:
@@ -121,9 +132,13 @@ class DenseLoraModel(BaseTuner):
                 )
             return
         generator = self._init_generator
-        encoder = init_tensor((r, in_features), generator)
+        encoder = init_tensor((r, in_features), generator).to(device)
+        if not config.train_shared:
+            encoders[module_type] = encoder
+            decoders[module_type] = init_tensor((out_features, r), generator).to(device)
+            return
         decoder = init_tensor((out_features, r), generator, zeros=config.init_weights)
-        encoders[module_type] = nn.Parameter(encoder.to(device))
+        encoders[module_type] = nn.Parameter(encoder)
         decoders[module_type] = nn.Parameter(decoder.to(device))
 
     # --- trainability of the shared weights follows the adapter's, and train_shared ---------------------------------

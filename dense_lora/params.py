@@ -35,13 +35,19 @@ class ParameterCount:
 
 
 def count_trainable(
-    config: PretrainedConfig, method: str, r: int, target_modules: Sequence[str]
+    config: PretrainedConfig, method: str, r: int, target_modules: Sequence[str], train_shared: bool = True
 ) -> ParameterCount:
-    """Attach a DenseLoRA or LoRA adapter to a meta-device model and count what would train."""
+    """Attach a DenseLoRA or LoRA adapter to a meta-device model and count what would train.
+
+    ``train_shared=False`` counts the paper's "Freeze" (Table 4): its frozen W_e/W_d are buffers, so only the M
+    matrices are counted, as only they reach an optimizer.
+    """
     model = build_model_on_meta(config)
     base = sum(p.numel() for p in model.parameters())
     if method == "denselora":
-        adapter = DenseLoraConfig(r=r, lora_alpha=2 * r, target_modules=list(target_modules))
+        adapter = DenseLoraConfig(
+            r=r, lora_alpha=2 * r, target_modules=list(target_modules), train_shared=train_shared
+        )
     elif method == "lora":
         adapter = LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(target_modules))
     else:

@@ -46,3 +46,10 @@ def test_cli_on_a_local_config(tmp_path: Path):
         cwd=Path(__file__).parents[1],
     )
     assert "917,504" in result.stdout
+
+
+def test_freeze_counts_only_the_m_matrices():
+    """Freeze (train_shared=False): 32 layers x 5 types x r^2, the shared W_e/W_d are frozen buffers."""
+    config = published_config("llama3-8b")
+    count = count_trainable(config, "denselora", 128, QKVUD, train_shared=False)
+    assert count.trainable == 32 * 5 * 128 * 128 == 2_621_440
