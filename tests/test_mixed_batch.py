@@ -18,8 +18,10 @@ def config(**overrides) -> DenseLoraConfig:
 
 
 def two_adapters() -> PeftModel:
-    model = get_peft_model(make_tiny_llama(), config(init_seed=1), adapter_name="a")
-    model.add_adapter("b", config(init_seed=2, lora_modules=["up_proj", "down_proj"], activation="identity"))
+    model = get_peft_model(make_tiny_llama(), config(init_seed=1), adapter_name="alpha")
+    model.add_adapter(
+        "beta", config(init_seed=2, lora_modules=["up_proj", "down_proj"], activation="identity")
+    )
     return model.eval()
 
 
@@ -27,14 +29,14 @@ def two_adapters() -> PeftModel:
 def test_each_row_gets_its_own_adapter_in_forward(tiny_inputs):
     model = two_adapters()
     inputs = {k: torch.cat([v, v[:1]]) for k, v in tiny_inputs.items()}  # 3 rows
-    names = ["a", "__base__", "b"]
+    names = ["alpha", "__base__", "beta"]
     with torch.inference_mode():
         mixed = model(**inputs, adapter_names=names).logits
         with model.disable_adapter():
             base = model(**inputs).logits
-        model.set_adapter("a")
+        model.set_adapter("alpha")
         only_a = model(**inputs).logits
-        model.set_adapter("b")
+        model.set_adapter("beta")
         only_b = model(**inputs).logits
     assert (only_a - base).abs().max() > 1e-3 and (only_b - only_a).abs().max() > 1e-3
     torch.testing.assert_close(mixed[0], only_a[0], rtol=1e-5, atol=1e-5)
@@ -47,10 +49,10 @@ def test_each_row_gets_its_own_adapter_in_generate(tiny_inputs):
     inputs = {k: v[:1].repeat(2, 1) for k, v in tiny_inputs.items()}
     kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
     with torch.inference_mode():
-        mixed = model.generate(**inputs, adapter_names=["b", "a"], **kwargs)
-        model.set_adapter("a")
+        mixed = model.generate(**inputs, adapter_names=["beta", "alpha"], **kwargs)
+        model.set_adapter("alpha")
         only_a = model.generate(**inputs, **kwargs)
-        model.set_adapter("b")
+        model.set_adapter("beta")
         only_b = model.generate(**inputs, **kwargs)
     assert torch.equal(mixed[0], only_b[0]) and torch.equal(mixed[1], only_a[1])
 
@@ -58,10 +60,10 @@ def test_each_row_gets_its_own_adapter_in_generate(tiny_inputs):
 def test_mixed_batch_refuses_unknown_names_and_training(tiny_inputs):
     model = two_adapters()
     with pytest.raises(ValueError, match=r"non-existing adapter.*: c"):
-        model(**tiny_inputs, adapter_names=["a", "c"])
+        model(**tiny_inputs, adapter_names=["alpha", "c"])
     model.train()
     with pytest.raises(ValueError, match="training mode"):
-        model(**tiny_inputs, adapter_names=["a", "b"])
+        model(**tiny_inputs, adapter_names=["alpha", "beta"])
 
 
 # --- trainability of the shared weights ---------------------------------------------------------------------------
@@ -98,25 +100,25 @@ def test_shared_weights_follow_m_through_load_adapter(tmp_path):
 
 
 def test_shared_weights_follow_m_through_the_adapter_api():
-    model = get_peft_model(make_tiny_llama(), config(init_seed=1), adapter_name="a")
-    model.add_adapter("b", config(init_seed=2))
-    assert trainability(model, "a") == (True, True) and trainability(model, "b") == (False, False)
-    model.set_adapter("b")
-    assert trainability(model, "a") == (False, False) and trainability(model, "b") == (True, True)
-    model.base_model.set_requires_grad("a", True)
-    assert trainability(model, "a") == (True, True)
-    model.base_model.set_requires_grad(["a", "b"], False)
-    assert trainability(model, "a") == (False, False) and trainability(model, "b") == (False, False)
-    model.set_adapter("a")
+    model = get_peft_model(make_tiny_llama(), config(init_seed=1), adapter_name="alpha")
+    model.add_adapter("beta", config(init_seed=2))
+    assert trainability(model, "alpha") == (True, True) and trainability(model, "beta") == (False, False)
+    model.set_adapter("beta")
+    assert trainability(model, "alpha") == (False, False) and trainability(model, "beta") == (True, True)
+    model.base_model.set_requires_grad("alpha", True)
+    assert trainability(model, "alpha") == (True, True)
+    model.base_model.set_requires_grad(["alpha", "beta"], False)
+    assert trainability(model, "alpha") == (False, False) and trainability(model, "beta") == (False, False)
+    model.set_adapter("alpha")
     with model.disable_adapter():
-        assert trainability(model, "a") == (False, False)
-    assert trainability(model, "a") == (True, True)
-    model.base_model.set_adapter("a", inference_mode=True)
-    assert trainability(model, "a") == (False, False)
-    model.set_adapter("b")
-    model.delete_adapter("a")
-    assert trainability(model, "b") == (True, True)
-    assert "a" not in model.base_model.denselora_encoder
+        assert trainability(model, "alpha") == (False, False)
+    assert trainability(model, "alpha") == (True, True)
+    model.base_model.set_adapter("alpha", inference_mode=True)
+    assert trainability(model, "alpha") == (False, False)
+    model.set_adapter("beta")
+    model.delete_adapter("alpha")
+    assert trainability(model, "beta") == (True, True)
+    assert "alpha" not in model.base_model.denselora_encoder
 
 
 # --- dtype ----------------------------------------------------------------------------------------------------------
