@@ -180,6 +180,9 @@ class Linear(nn.Module, DenseLoraLayer):
         self.update_layer(adapter_name, config, use_lora, generator)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is not None and not self.disable_adapters:
+            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
@@ -193,6 +196,46 @@ class Linear(nn.Module, DenseLoraLayer):
         for adapter in adapters:
             result = self._add_adapter_update(adapter, x, result)
         return result
+
+    def _mixed_batch_forward(
+        self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any
+    ) -> torch.Tensor:
+        """peft's mixed-adapter batch: row i gets ``adapter_names[i]``'s update, or none for ``"__base__"``.
+
+        Each adapter runs once on its own rows (the plain formula: inference only, peft refuses ``adapter_names``
+        in training mode), so one batch can serve many DenseLoRA adapters over one base model.
+        """
+        if len(x) != len(adapter_names):
+            raise ValueError(
+                "Length of `adapter_names` should be the same as the number of inputs, but got "
+                f"{len(adapter_names)} and {len(x)} respectively."
+            )
+        if self.merged:
+            raise ValueError(
+                "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first."
+            )
+        result = self.base_layer(x, *args, **kwargs)
+        for adapter in dict.fromkeys(adapter_names):
+            if adapter not in self.denselora_M and adapter not in self.denselora_A:
+                continue  # "__base__", or an adapter that does not adapt this module
+            rows = [i for i, name in enumerate(adapter_names) if name == adapter]
+            result[rows] = result[rows] + self._adapter_delta(adapter, x[rows]).to(result.dtype)
+        return result
+
+    def _adapter_delta(self, adapter: str, x: torch.Tensor) -> torch.Tensor:
+        """The adapter's update alone, by the plain formula, in the input's dtype."""
+        dtype, device = x.dtype, x.device
+        dropout, scaling = self.denselora_dropout[adapter], self.scaling[adapter]
+        if adapter in self.denselora_A:
+            lora_a = self.denselora_A[adapter].to(device, dtype)
+            return lora_delta(x, lora_a, self.denselora_B[adapter].to(device, dtype), dropout, scaling)
+        encoder, decoder = self.shared.get(adapter, self.module_type)
+        weights = (
+            encoder.to(device, dtype),
+            self.denselora_M[adapter].to(device, dtype),
+            decoder.to(device, dtype),
+        )
+        return dense_delta(x, *weights, self.activation[adapter], dropout, scaling)
 
     def _add_adapter_update(
         self, adapter: str, x: torch.Tensor, result: torch.Tensor | nn.Module
@@ -240,8 +283,9 @@ class Linear(nn.Module, DenseLoraLayer):
             for name, delta in deltas.items():
                 merged = base_layer.weight.data + delta.to(base_layer.weight.dtype)
                 if safe_merge and not torch.isfinite(merged).all():
+                    # peft's wording, which tools match on
                     raise ValueError(
-                        f"NaNs detected in the merged weights; adapter '{name}' seems to be broken"
+                        f"NaNs detected in the merged weights. The adapter {name} seems to be broken"
                     )
                 base_layer.weight.data = merged
                 self.merged_adapters.append(name)

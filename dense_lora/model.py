@@ -8,6 +8,10 @@ The shared weights live here, once: ``denselora_encoder[adapter][module_type]`` 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from functools import partial
+from typing import Any
 
 import torch
 from peft.tuners._buffer_dict import BufferDict
@@ -18,7 +22,7 @@ from peft.tuners.tuners_utils import (
     _get_in_out_features,
     _get_tuner_state_dict_key_prefixes,
 )
-from peft.utils import PeftType, register_peft_method
+from peft.utils import AuxiliaryTrainingWrapper, PeftType, register_peft_method
 from torch import nn
 
 from .config import TARGET_MODULES_BY_MODEL_TYPE, DenseLoraConfig
@@ -141,36 +145,123 @@ class DenseLoraModel(BaseTuner):
         encoders[module_type] = nn.Parameter(encoder)
         decoders[module_type] = nn.Parameter(decoder.to(device))
 
-    # --- trainability of the shared weights follows the adapter's, and train_shared ---------------------------------
+    # --- trainability of the shared weights follows the adapter's own, and train_shared ------------------------------
+    # peft sets, saves and restores requires_grad on the layers of the wrapped model (add/load/set/delete adapter,
+    # set_requires_grad, inference mode, disable_adapter); the shared W_e/W_d live on the tuner, outside its reach.
+    # Rather than mirror each of those paths, every one of them ends in _sync_shared_requires_grad, which makes each
+    # adapter's shared weights exactly as trainable as its per-layer weights (M, or LoRA's A/B) are.
 
-    def _set_shared_requires_grad(self, adapter_name: str, requires_grad: bool) -> None:
-        trainable = requires_grad and self.peft_config[adapter_name].train_shared
-        for container in (self.denselora_encoder, self.denselora_decoder):
-            if adapter_name in container:
-                container[adapter_name].requires_grad_(trainable)
+    def _sync_shared_requires_grad(self) -> None:
+        trainable: dict[str, bool] = {}
+        for module in self.model.modules():
+            if isinstance(module, DenseLoraLayer):
+                for container in (module.denselora_M, module.denselora_A, module.denselora_B):
+                    for name, param in container.items():
+                        trainable[name] = trainable.get(name, False) or param.requires_grad
+        for name in self.denselora_encoder:
+            requires_grad = trainable.get(name, False) and self.peft_config[name].train_shared
+            for container in (self.denselora_encoder, self.denselora_decoder):
+                container[name].requires_grad_(requires_grad)  # a no-op on Freeze's buffers
+
+    def inject_adapter(self, *args: Any, **kwargs: Any) -> None:
+        super().inject_adapter(*args, **kwargs)
+        self._sync_shared_requires_grad()
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         super().set_adapter(adapter_name, inference_mode=inference_mode)
-        active = [adapter_name] if isinstance(adapter_name, str) else adapter_name
-        for name in self.denselora_encoder:
-            self._set_shared_requires_grad(name, name in active and not inference_mode)
+        self._sync_shared_requires_grad()
 
-    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+    def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
         super().set_requires_grad(adapter_names, requires_grad=requires_grad)
-        for name in [adapter_names] if isinstance(adapter_names, str) else adapter_names:
-            self._set_shared_requires_grad(name, requires_grad)
+        self._sync_shared_requires_grad()
 
     def _enable_adapter_layers(self, enabled: bool = True) -> None:
         super()._enable_adapter_layers(enabled)
-        for name in self.denselora_encoder:
-            trainable = enabled and name in self.active_adapters and not self.peft_config[name].inference_mode
-            self._set_shared_requires_grad(name, trainable)
+        self._sync_shared_requires_grad()
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
         for container in (self.denselora_encoder, self.denselora_decoder):
             if adapter_name in container:
                 del container[adapter_name]
+        self._sync_shared_requires_grad()
+
+    # --- dtype ------------------------------------------------------------------------------------------------------
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """peft's contract: float32 adapter weights by default, the base layer's dtype with ``autocast_adapter_dtype=False``.
+
+        peft's own cast visits only the layers; the shared W_e/W_d of a module type take the dtype of that type's
+        base layers. A quantized (integer) base keeps float32 adapter weights.
+        """
+        super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+        shared_dtype: dict[str, torch.dtype] = {}
+        for module in self.model.modules():
+            if not isinstance(module, DenseLoraLayer):
+                continue
+            base_dtype = module.get_base_layer().weight.dtype
+            target = base_dtype if base_dtype.is_floating_point else torch.float32
+            if autocast_adapter_dtype:
+                target = torch.float32
+            if adapter_name in module.denselora_M:
+                shared_dtype.setdefault(module.module_type, target)
+            for container in (module.denselora_M, module.denselora_A, module.denselora_B):
+                if adapter_name in container and container[adapter_name].dtype != target:
+                    old = container[adapter_name]
+                    container[adapter_name] = nn.Parameter(
+                        old.data.to(target), requires_grad=old.requires_grad
+                    )
+        for container in (self.denselora_encoder, self.denselora_decoder):
+            if adapter_name not in container:
+                continue
+            tensors = container[adapter_name]
+            for module_type, dtype in shared_dtype.items():
+                if module_type not in tensors or tensors[module_type].dtype == dtype:
+                    continue
+                old = tensors[module_type]
+                if isinstance(old, nn.Parameter):
+                    tensors[module_type] = nn.Parameter(old.data.to(dtype), requires_grad=old.requires_grad)
+                else:
+                    tensors[module_type] = old.to(dtype)
+
+    # --- mixed-adapter batches --------------------------------------------------------------------------------------
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
+        """peft's ``adapter_names=`` (one adapter, or ``"__base__"``, per row) in forward and generate().
+
+        As in peft's LoRA: the names reach each DenseLoRA layer and modules_to_save wrapper through a forward
+        pre-hook for the duration of the call; with beam search each name is repeated for its beams.
+        """
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            yield
+            return
+        if self.training:
+            raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
+        if not isinstance(adapter_names, (list, tuple)):
+            raise TypeError(f"Got adapter names of type {type(adapter_names)}, expected a list of str.")
+        known = set()
+        for module in self.model.modules():
+            if isinstance(module, DenseLoraLayer):
+                known |= set(module.denselora_M) | set(module.denselora_A)
+        unknown = {name for name in adapter_names if name != "__base__"} - known
+        if unknown:
+            raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(sorted(unknown))}")
+        num_beams = kwargs.get("num_beams")
+        if isinstance(num_beams, int) and num_beams > 1:
+            adapter_names = [name for name in adapter_names for _ in range(num_beams)]
+        hook = partial(_adapter_names_pre_forward_hook, adapter_names=list(adapter_names))
+        handles = [
+            module.register_forward_pre_hook(hook, with_kwargs=True)
+            for module in self.model.modules()
+            if isinstance(module, (DenseLoraLayer, AuxiliaryTrainingWrapper))
+        ]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def _check_merge_allowed(self) -> None:
         """Refuse before any layer is touched, so a failed merge never leaves a half-merged model."""
@@ -211,6 +302,13 @@ class DenseLoraModel(BaseTuner):
             details += [f"{len(unexpected)} unexpected (e.g. '{unexpected[0]}')"] if unexpected else []
             raise ValueError(f"adapter does not match the base model: {', '.join(details)} DenseLoRA weights")
         return remapped
+
+
+def _adapter_names_pre_forward_hook(
+    module: nn.Module, args: tuple, kwargs: dict[str, Any], adapter_names: list[str]
+) -> tuple[tuple, dict[str, Any]]:
+    kwargs["adapter_names"] = adapter_names
+    return args, kwargs
 
 
 def _name_matches(key: str, names: list[str] | set[str]) -> bool:

@@ -1,0 +1,430 @@
+"""peft's own generic test suite, run against DenseLoRA: users reach DenseLoRA through peft's API, so it must pass
+the checks peft applies to its built-in methods, not only ours.
+
+The tests of the installed peft version are taken from its source distribution at test time (``pip download
+peft==<version> --no-binary :all:``), cached under ``~/.cache/dense_lora/peft-tests/<version>`` (or
+``$DENSELORA_PEFT_TESTS_CACHE/<version>``); without network and cache the module is skipped, saying why.
+
+peft's test classes are imported with their bodies unchanged and re-parametrised with DenseLoRA configs:
+
+- ``TestPeftCustomModel`` (``test_custom_models.py``) on peft's MLP models (``CUSTOM_CASES``),
+- ``TestMultipleActiveAdapters`` (same file) with two DenseLoRA adapters active at once,
+- ``TestDecoderModels`` (``test_decoder_models.py``) on a tiny local ``LlamaForCausalLM`` (``DECODER_CONFIGS``;
+  the hub model ids those tests name are unreachable here, so every decoder test runs on the local model).
+
+Selection, for a module CI runs on 2 cores (about 4 minutes): every generic test of those classes with every
+DenseLoRA case, except the cross product of ``test_adapter_dtype_autocast`` (peft's dtype x autocast x low-cpu-mem
+grid) and the decoder tests, which run on the three decoder configs that differ in code path (gelu, Freeze, mixed
+granularity) rather than on all six; the other configs run there too through the custom-model cases.
+
+Tests that check one method's own features, or behaviour DenseLoRA does not have by design, are listed in
+``NOT_APPLICABLE`` with the reason; they are collected and reported as skipped. peft's bodies also skip
+themselves for methods outside their whitelists (e.g. ``bias="all"``, Conv layers); those skips carry peft's reason.
+Two helper bodies gate a feature DenseLoRA has (mixed-adapter batches) by a whitelist of config classes; they run
+here with ``DenseLoraConfig`` resolved in place of the whitelisted class (``_with_whitelist``), nothing else changed.
+"""
+
+from __future__ import annotations
+
+import atexit
+import importlib
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import types
+from importlib.metadata import version
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from dense_lora import DenseLoraConfig
+from dense_lora.models import tiny_llama_config
+
+PEFT_VERSION = version("peft")
+PACKAGE = "peft_upstream_tests"
+
+
+def cache_dir() -> Path:
+    root = (
+        os.environ.get("DENSELORA_PEFT_TESTS_CACHE") or Path.home() / ".cache" / "dense_lora" / "peft-tests"
+    )
+    return Path(root) / PEFT_VERSION
+
+
+def fetch_peft_tests(cache: Path) -> Path:
+    """peft's ``tests/`` folder of the installed version, as an importable package; raises RuntimeError if unobtainable.
+
+    Only the sdist's ``tests/`` members are extracted (with tarfile's "data" filter: no links out, no absolute paths).
+    """
+    package_dir = cache / PACKAGE
+    if (package_dir / "testing_common.py").exists():
+        return package_dir
+    cache.mkdir(parents=True, exist_ok=True)
+    sdist = cache / f"peft-{PEFT_VERSION}.tar.gz"
+    if not sdist.exists():
+        command = [sys.executable, "-m", "pip", "download", f"peft=={PEFT_VERSION}", "--no-deps"]
+        command += ["--no-binary", ":all:", "--disable-pip-version-check", "-q", "-d", str(cache)]
+        try:
+            result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        except (OSError, subprocess.TimeoutExpired) as error:
+            raise RuntimeError(f"pip download of the peft {PEFT_VERSION} sdist failed: {error}") from error
+        if result.returncode != 0 or not sdist.exists():
+            tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise RuntimeError(f"cannot fetch the peft {PEFT_VERSION} sdist (its tests/): {tail[0]}")
+    staging = Path(tempfile.mkdtemp(dir=cache))
+    prefix = f"peft-{PEFT_VERSION}/tests/"
+    with tarfile.open(sdist) as archive:
+        members = [m for m in archive.getmembers() if m.name.startswith(prefix) and m.name.count("/") == 2]
+        archive.extractall(staging, members=members, filter="data")
+    extracted = staging / prefix
+    (extracted / "__init__.py").touch()
+    if not (extracted / "testing_common.py").exists():
+        raise RuntimeError(f"the peft {PEFT_VERSION} sdist has no tests/testing_common.py")
+    extracted.rename(package_dir)
+    shutil.rmtree(staging, ignore_errors=True)
+    return package_dir
+
+
+def import_upstream(package_dir: Path) -> tuple[types.ModuleType, types.ModuleType, types.ModuleType]:
+    """Import peft's testing_common, test_custom_models and test_decoder_models from the cached package.
+
+    ``testing_common`` imports diffusers' StableDiffusionPipeline at module level, only for Stable Diffusion tests
+    that do not apply to a Linear-only method; when diffusers is absent a placeholder stands in during the import.
+    """
+    sys.path.insert(0, str(package_dir.parent))
+    placeholder = None
+    try:
+        importlib.import_module("diffusers")
+    except ImportError:
+        placeholder = types.ModuleType("diffusers")
+        placeholder.StableDiffusionPipeline = type("StableDiffusionPipeline", (), {})
+        sys.modules["diffusers"] = placeholder
+    try:
+        return tuple(
+            importlib.import_module(f"{PACKAGE}.{name}")
+            for name in ("testing_common", "test_custom_models", "test_decoder_models")
+        )
+    finally:
+        if placeholder is not None and sys.modules.get("diffusers") is placeholder:
+            del sys.modules["diffusers"]
+
+
+try:
+    common, custom, decoder = import_upstream(fetch_peft_tests(cache_dir()))
+except (RuntimeError, ImportError) as error:
+    pytest.skip(f"peft's own tests are not available: {error}", allow_module_level=True)
+
+
+# --- DenseLoRA cases ----------------------------------------------------------------------------------------------
+# peft's MLP: lin0 10 -> 20, lin1 20 -> 2. DenseLoRA's r is at most min(in, out), so cases that adapt lin1 use r=2.
+CUSTOM_CASES = [
+    ("MLP DenseLoRA gelu", "MLP", DenseLoraConfig, {"target_modules": ["lin0"], "r": 4}),
+    (  # lora_alpha=2 (s = 1): peft's training tests use SGD at lr 0.5 on inputs up to 90; a purely linear
+        # three-factor update at s = 4 diverges to NaN there (so would LoRA at that scale)
+        "MLP DenseLoRA identity",
+        "MLP",
+        DenseLoraConfig,
+        {"target_modules": ["lin0", "lin1"], "r": 2, "lora_alpha": 2, "activation": "identity"},
+    ),
+    (
+        "MLP DenseLoRA Freeze",
+        "MLP",
+        DenseLoraConfig,
+        {"target_modules": ["lin0", "lin1"], "r": 2, "train_shared": False},
+    ),
+    (
+        "MLP DenseLoRA lora_modules",
+        "MLP",
+        DenseLoraConfig,
+        {"target_modules": ["lin0", "lin1"], "r": 2, "lora_alpha": 2, "lora_modules": ["lin1"]},
+    ),
+    (
+        "MLP DenseLoRA dropout",
+        "MLP",
+        DenseLoraConfig,
+        {"target_modules": ["lin0"], "r": 4, "lora_alpha": 4, "lora_dropout": 0.1},
+    ),
+    ("MLP DenseLoRA regex", "MLP", DenseLoraConfig, {"target_modules": "lin[0]", "r": 4}),
+    (
+        "MLP DenseLoRA modules_to_save",
+        "MLP",
+        DenseLoraConfig,
+        {"target_modules": ["lin0"], "r": 4, "modules_to_save": ["lin1"]},
+    ),
+    (
+        "MLP_LayerNorm DenseLoRA identity",
+        "MLP_LayerNorm",
+        DenseLoraConfig,
+        {"target_modules": ["lin0", "lin1"], "r": 2, "lora_alpha": 2, "activation": "identity"},
+    ),
+]
+# Merging folds a weight matrix into W0: only the identity variant's update is one (the others are non-linear in x
+# and refuse to merge, by design), so peft's merge tests run on the mergeable cases.
+MERGEABLE_CASES = [
+    *(case for case in CUSTOM_CASES if case[3].get("activation") == "identity"),
+    (
+        "MLP DenseLoRA identity lora_modules",
+        "MLP",
+        DenseLoraConfig,
+        {
+            "target_modules": ["lin0", "lin1"],
+            "r": 2,
+            "lora_alpha": 2,
+            "activation": "identity",
+            "lora_modules": ["lin1"],
+        },
+    ),
+]
+MERGE_TESTS = (
+    "test_merge_layers",
+    "test_merge_layers_fp16",
+    "test_merge_layers_is_idempotent",
+    "test_merge_layers_is_deterministic_in_train_mode",
+    "test_safe_merge",
+    "test_disable_adapters_with_merging",
+    "test_delete_merged_adapter_raises_without_mutation",
+    "test_delete_merged_adapter_only_rejects_the_merged_one",
+    "test_forward_float16",  # the four forward tests end with a merge
+    "test_forward_bfloat16",
+    "test_forward_float16_no_autocast",
+    "test_forward_bfloat16_no_autocast",
+)
+# Cases for peft's dtype x autocast x low-cpu-mem grid (24 runs a case): one per parameter layout.
+DTYPE_CASES = [CUSTOM_CASES[0], CUSTOM_CASES[2], CUSTOM_CASES[3]]
+
+# The local decoder: tiny_llama_config (hidden 64, GQA k/v 64 -> 32, up 64 -> 96, 3 layers), target_modules=None
+# picks DenseLoRA's default for llama (q, k, v, up, down).
+DECODER_CONFIGS = [
+    (DenseLoraConfig, {"task_type": "CAUSAL_LM", "target_modules": None, "r": 8}),
+    (DenseLoraConfig, {"task_type": "CAUSAL_LM", "target_modules": None, "r": 8, "train_shared": False}),
+    (
+        DenseLoraConfig,
+        {
+            "task_type": "CAUSAL_LM",
+            "target_modules": None,
+            "r": 8,
+            "lora_modules": ["up_proj", "down_proj"],
+            "layers_to_transform": [0, 2],
+            "layers_pattern": "layers",
+            "lora_dropout": 0.1,
+        },
+    ),
+]
+LOCAL_LLAMA_ID = "local/tiny-random-LlamaForCausalLM"
+
+MULTIPLE_ACTIVE_CASES = [
+    (
+        "DenseLoRA Same",
+        "denselora",
+        DenseLoraConfig,
+        {"target_modules": ["lin0"], "r": 4, "init_weights": False},
+        {"target_modules": ["lin0"], "r": 4, "init_weights": False},
+    ),
+    (
+        "DenseLoRA Different",
+        "denselora",
+        DenseLoraConfig,
+        {"target_modules": ["lin0"], "r": 4, "init_weights": False},
+        {"target_modules": ["lin1"], "r": 2, "init_weights": False},
+    ),
+    (
+        "DenseLoRA identity + lora_modules",
+        "denselora",
+        DenseLoraConfig,
+        {"target_modules": ["lin0", "lin1"], "r": 2, "activation": "identity", "init_weights": False},
+        {"target_modules": ["lin0", "lin1"], "r": 2, "lora_modules": ["lin1"], "init_weights": False},
+    ),
+]
+MULTIPLE_ACTIVE_MERGEABLE = [
+    (
+        "DenseLoRA identity Different",
+        "denselora",
+        DenseLoraConfig,
+        {"target_modules": ["lin0"], "r": 4, "activation": "identity", "init_weights": False},
+        {"target_modules": ["lin1"], "r": 2, "activation": "identity", "init_weights": False},
+    ),
+    (
+        "DenseLoRA identity + identity lora_modules",
+        "denselora",
+        DenseLoraConfig,
+        {"target_modules": ["lin0", "lin1"], "r": 2, "activation": "identity", "init_weights": False},
+        {
+            "target_modules": ["lin0", "lin1"],
+            "r": 2,
+            "activation": "identity",
+            "lora_modules": ["lin1"],
+            "init_weights": False,
+        },
+    ),
+]
+
+# peft test name -> why it does not apply to DenseLoRA. Collected and reported as skipped with this reason.
+NOT_APPLICABLE = {
+    "test_disable_adapter_with_bias_warns": 'bias="all"/"lora_only": DenseLoRA trains no biases (bias="none" only)',
+    "test_adding_multiple_adapters_with_bias_raises": 'needs bias="all"; DenseLoraConfig only accepts bias="none"',
+    "test_weighted_combination_of_adapters": "add_weighted_adapter is LoRA/IA3's API (SVD/cat of B A); DenseLoRA "
+    "adapters share W_e/W_d per type and have no such combination",
+    "test_lora_conversion": "LoRA conversion is for methods with a low-rank ΔW; DenseLoRA's update is non-linear "
+    "in x except for the identity variant",
+    "test_prompt_tuning_text_prepare_for_training": "prompt learning only",
+    "test_prompt_tuning_sample_vocab_prepare_for_training": "prompt learning only",
+    "test_training_prompt_learning_tasks": "prompt learning only",
+    "test_passing_input_embeds_works": "prompt learning only (checks virtual-token handling of inputs_embeds)",
+    "test_set_requires_grad_prompt_learning_raises": "prompt learning only",
+    "test_prompt_learning_with_gradient_checkpointing": "prompt learning only (and needs the hub tokenizer)",
+    "test_multiple_adapters_mixed_modules_to_save": "builds its adapters at the config's default r (16) on peft's "
+    "10 -> 20 MLP; DenseLoRA refuses r above min(in, out) (its r x r M and shared W_e/W_d would be rank-deficient)",
+    "test_multiple_adapters_mixed_modules_to_save_order_switched": "same as test_multiple_adapters_mixed_modules_"
+    "to_save (default r=16 on a 10 -> 20 layer)",
+}
+
+
+# --- re-parametrisation -------------------------------------------------------------------------------------------
+def _argnames(mark: pytest.Mark) -> tuple[str, ...]:
+    names = mark.args[0]
+    if isinstance(names, str):
+        names = names.split(",")
+    return tuple(name.strip() for name in names)
+
+
+CUSTOM_ARGNAMES = ("test_name", "model_id", "config_cls", "config_kwargs")
+REPLACEMENTS = {
+    CUSTOM_ARGNAMES: CUSTOM_CASES,
+    ("config_cls", "config_kwargs"): DECODER_CONFIGS,
+    ("model_id",): [LOCAL_LLAMA_ID],
+    ("config_cls",): [DenseLoraConfig],
+    ("test_name", "tuner_method", "config_cls", "config_kwargs_1", "config_kwargs_2"): MULTIPLE_ACTIVE_CASES,
+}
+# Test bodies that gate a feature DenseLoRA has by a whitelist of config class names: those names resolve to
+# DenseLoraConfig in the copy (the decoder tests of mixed-adapter batches skip anything but LoraConfig).
+WHITELISTED = {
+    "test_mixed_adapter_batches": ("LoraConfig",),
+    "test_generate_with_mixed_adapter_batches": ("LoraConfig",),
+}
+# Marks that decide applicability: a test parametrised by none of these is method-specific (LoRA, IA3, ...).
+CASE_ARGNAMES = {names for names in REPLACEMENTS if "config_cls" in names}
+
+
+def reparametrised(
+    function: types.FunctionType, overrides: dict[tuple[str, ...], list]
+) -> types.FunctionType | None:
+    """A copy of one of peft's test functions with its config parametrisation swapped for DenseLoRA's.
+
+    Returns None for tests not parametrised by a config (they test one method's own feature).
+    """
+    marks = list(getattr(function, "pytestmark", []))
+    params = [mark for mark in marks if mark.name == "parametrize"]
+    if not any(_argnames(mark) in CASE_ARGNAMES for mark in params):
+        return None
+    replacements = {**REPLACEMENTS, **overrides}
+    new_marks = []
+    for mark in marks:
+        names = _argnames(mark) if mark.name == "parametrize" else ()
+        if names in replacements:
+            mark = pytest.mark.parametrize(mark.args[0], replacements[names]).mark
+        new_marks.append(mark)
+    namespace = function.__globals__
+    if function.__name__ in WHITELISTED:
+        namespace = {**namespace, **dict.fromkeys(WHITELISTED[function.__name__], DenseLoraConfig)}
+    copy = types.FunctionType(
+        function.__code__, namespace, function.__name__, function.__defaults__, function.__closure__
+    )
+    copy.__dict__.update({k: v for k, v in function.__dict__.items() if k != "pytestmark"})
+    copy.__qualname__ = function.__qualname__
+    reason = NOT_APPLICABLE.get(function.__name__)
+    if reason:
+        new_marks.append(pytest.mark.skip(reason=f"not applicable to DenseLoRA: {reason}").mark)
+    copy.pytestmark = new_marks
+    return copy
+
+
+def adapt_class(upstream: type, overrides: dict[str, dict[tuple[str, ...], list]] | None = None) -> dict:
+    """Namespace for a subclass of a peft test class: every test re-parametrised or removed."""
+    namespace: dict = {}
+    for name in dir(upstream):
+        if not name.startswith("test_"):
+            continue
+        function = getattr(upstream, name)
+        if not isinstance(function, types.FunctionType):
+            continue
+        namespace[name] = reparametrised(function, (overrides or {}).get(name, {}))
+    return namespace
+
+
+def _with_whitelist(method: types.FunctionType, names: tuple[str, ...]) -> types.FunctionType:
+    """peft's helper body unchanged, with the whitelisted config class names resolving to DenseLoraConfig."""
+    namespace = {**method.__globals__, **dict.fromkeys(names, DenseLoraConfig)}
+    return types.FunctionType(
+        method.__code__, namespace, method.__name__, method.__defaults__, method.__closure__
+    )
+
+
+# --- the local decoder --------------------------------------------------------------------------------------------
+_LOCAL_DIR = Path(tempfile.mkdtemp(prefix="dense-lora-tiny-llama-"))
+atexit.register(shutil.rmtree, _LOCAL_DIR, True)
+
+
+class LocalCausalLM:
+    """Stands in for AutoModelForCausalLM: the hub ids of peft's decoder tests resolve to one tiny local LLaMA."""
+
+    @classmethod
+    def from_pretrained(cls, model_id: str, *args, **kwargs):
+        if not (_LOCAL_DIR / "config.json").exists():
+            torch.manual_seed(0)
+            AutoModelForCausalLM.from_config(tiny_llama_config()).save_pretrained(_LOCAL_DIR)
+        if model_id != LOCAL_LLAMA_ID:
+            raise ValueError(f"no local stand-in for {model_id!r}")
+        model = AutoModelForCausalLM.from_pretrained(_LOCAL_DIR, *args, **kwargs)
+        model.config._name_or_path = model.name_or_path = LOCAL_LLAMA_ID
+        return model
+
+
+# --- the test classes ---------------------------------------------------------------------------------------------
+TestDenseLoraCustomModels = type(
+    "TestDenseLoraCustomModels",
+    (custom.TestPeftCustomModel,),
+    adapt_class(
+        custom.TestPeftCustomModel,
+        {
+            "test_adapter_dtype_autocast": {CUSTOM_ARGNAMES: DTYPE_CASES},
+            **{name: {CUSTOM_ARGNAMES: MERGEABLE_CASES} for name in MERGE_TESTS},
+        },
+    ),
+)
+
+_multiple_argnames = ("test_name", "tuner_method", "config_cls", "config_kwargs_1", "config_kwargs_2")
+TestDenseLoraMultipleActiveAdapters = type(
+    "TestDenseLoraMultipleActiveAdapters",
+    (custom.TestMultipleActiveAdapters,),
+    adapt_class(
+        custom.TestMultipleActiveAdapters,
+        {
+            name: {_multiple_argnames: MULTIPLE_ACTIVE_MERGEABLE}
+            for name in (
+                "test_merge_layers_multi",
+                "test_multiple_active_adapters_merge_and_unmerge",
+                "test_sequential_merge_matches_batch_merge",
+                "test_unmerge_after_sequential_merge_restores_base",
+            )
+        },
+    ),
+)
+
+_decoder_namespace = adapt_class(decoder.TestDecoderModels)
+_decoder_namespace.update(
+    transformers_class=LocalCausalLM,
+    _test_mixed_adapter_batches=_with_whitelist(
+        common.PeftCommonTester._test_mixed_adapter_batches, ("LoraConfig", "RoadConfig")
+    ),
+    _test_generate_with_mixed_adapter_batches_and_beam_search=_with_whitelist(
+        common.PeftCommonTester._test_generate_with_mixed_adapter_batches_and_beam_search, ("LoraConfig",)
+    ),
+)
+TestDenseLoraDecoderModels = type(
+    "TestDenseLoraDecoderModels", (decoder.TestDecoderModels,), _decoder_namespace
+)
