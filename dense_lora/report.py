@@ -15,6 +15,11 @@ average, in the markdown, the CSV and the console. A run the paper has no row fo
 variant) says "no published row" and why; nothing is made up. The run's experiment is read from
 ``run_config.json`` (the training flags), else ``summary.json``'s config, else ``adapter_config.json``.
 
+Training curves: for every run whose folder holds the ``metrics.jsonl`` training wrote, train and eval loss
+against step (and training tokens/s on a second panel) go to ``curves/<run>.png`` beside OUT.md, with a
+summary line per run (last train loss, best eval loss, median tokens/s) in the markdown. A run folder with
+curves but no evaluation results yet is reported too (curves only).
+
 The share comes from ``summary.json`` (``trainable_share_pct``, or ``trainable_params / base_params``);
 without a summary it is counted: adapter tensor sizes from the weights file over the base model's
 parameter count, built on the meta device from the adapter's ``base_model_name_or_path``.
@@ -59,10 +64,142 @@ METHOD_NAMES = {"denselora": "DenseLoRA", "lora": "LoRA", "dora": "DoRA"}
 RUN_CONFIG_FILE = "run_config.json"  # dense_lora.train's names; repeated so a report never imports training
 SUMMARY_FILE = "summary.json"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
+METRICS_FILE = "metrics.jsonl"
 
 
 class ReportError(Exception):
     """A run folder that cannot be reported; the message is one line."""
+
+
+Series = list[tuple[float, float]]  # (step, value) pairs in logged order
+
+
+@dataclass(frozen=True)
+class Curves:
+    """The series of one run's metrics.jsonl (dense_lora.train.MetricsLog): train and eval loss, tokens/s."""
+
+    train_loss: Series
+    eval_loss: Series
+    tokens_per_s: Series
+
+    def __bool__(self) -> bool:
+        return bool(self.train_loss or self.eval_loss)
+
+
+def read_curves(path: Path) -> Curves | None:
+    """Loss and throughput against step from metrics.jsonl; None when the file is absent or holds no loss.
+
+    MetricsLog writes one JSON object per Trainer log: training logs carry ``loss`` (and ``tokens_per_s``,
+    measured since the previous log), evaluation logs ``eval_loss``, and the final log ``train_loss`` (the
+    run's mean, not a point of the curve, so it is left out). A resumed run's file was already cut back to
+    the checkpoint by MetricsLog, so each step appears once per kind. A line cut off by a kill is skipped.
+    """
+    if not path.is_file():
+        return None
+    train: Series = []
+    evaluation: Series = []
+    speed: Series = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int | float):
+            continue
+        step = record["step"]
+        if isinstance(record.get("loss"), int | float):
+            train.append((step, float(record["loss"])))
+            if isinstance(record.get("tokens_per_s"), int | float):
+                speed.append((step, float(record["tokens_per_s"])))
+        if isinstance(record.get("eval_loss"), int | float):
+            evaluation.append((step, float(record["eval_loss"])))
+    curves = Curves(train, evaluation, speed)
+    return curves if curves else None
+
+
+def plot_curves(curves: Curves, title: str, path: Path) -> Curves:
+    """Draw loss against step (and tokens/s on a second panel) as PNG; returns the series as drawn.
+
+    The return value is read back from the figure's lines, so a caller (and the tests) can check that what
+    is on the picture is what training logged.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = 2 if curves.tokens_per_s else 1
+    figure, axes = plt.subplots(1, panels, figsize=(6 * panels, 4), squeeze=False)
+    loss_axis = axes[0][0]
+    drawn: dict[str, Series] = {"train_loss": [], "eval_loss": [], "tokens_per_s": []}
+    lines = {}
+    if curves.train_loss:
+        (lines["train_loss"],) = loss_axis.plot(*zip(*curves.train_loss, strict=True), label="train loss")
+    if curves.eval_loss:
+        (lines["eval_loss"],) = loss_axis.plot(
+            *zip(*curves.eval_loss, strict=True), marker="o", label="eval loss"
+        )
+    loss_axis.set_xlabel("optimizer step")
+    loss_axis.set_ylabel("loss")
+    loss_axis.set_title(title)
+    loss_axis.grid(True, alpha=0.3)
+    loss_axis.legend()
+    if curves.tokens_per_s:
+        speed_axis = axes[0][1]
+        (lines["tokens_per_s"],) = speed_axis.plot(*zip(*curves.tokens_per_s, strict=True), color="tab:green")
+        speed_axis.set_xlabel("optimizer step")
+        speed_axis.set_ylabel("training tokens / s")
+        speed_axis.set_title("throughput")
+        speed_axis.grid(True, alpha=0.3)
+    for name, line in lines.items():
+        drawn[name] = [(float(x), float(y)) for x, y in zip(line.get_xdata(), line.get_ydata(), strict=True)]
+    figure.tight_layout()
+    _save_figure(figure, path)
+    plt.close(figure)
+    return Curves(drawn["train_loss"], drawn["eval_loss"], drawn["tokens_per_s"])
+
+
+def curve_files(runs: list[Run], folder: Path) -> dict[int, Path]:
+    """One PNG name per run with curves: the folder name, with the parent's when two runs share it."""
+    names = [run.path.resolve().name for run in runs]
+    out = {}
+    for index, run in enumerate(runs):
+        if run.curves is None:
+            continue
+        name = names[index]
+        if names.count(name) > 1:
+            name = f"{run.path.resolve().parent.name}-{name}"
+        if name in {path.stem for path in out.values()}:
+            name = f"{name}-{index}"
+        safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
+        out[index] = folder / f"{safe}.png"
+    return out
+
+
+def curves_markdown(runs: list[Run], files: dict[int, Path], relative_to: Path) -> str:
+    """A summary line per run with curves (last train loss, best eval loss, median tokens/s) and the PNG links."""
+    if not files:
+        return ""
+    lines = [
+        "### Training curves",
+        "",
+        "| Run | Steps | Last train loss | Best eval loss (step) | Median tokens/s | Plot |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for index, path in files.items():
+        run, curves = runs[index], runs[index].curves
+        assert curves is not None
+        steps = max(step for step, _ in curves.train_loss + curves.eval_loss)
+        last = _fmt(curves.train_loss[-1][1], 4) if curves.train_loss else "–"
+        best = min(curves.eval_loss, key=lambda point: point[1]) if curves.eval_loss else None
+        best_text = "–" if best is None else f"{best[1]:.4f} ({best[0]:g})"
+        speeds = sorted(value for _, value in curves.tokens_per_s)
+        median = _fmt(speeds[len(speeds) // 2], 0) if speeds else "–"
+        link = os.path.relpath(path, relative_to)
+        lines.append(
+            f"| {run.method} | {steps:g} | {last} | {best_text} | {median} | [{path.name}]({link}) |"
+        )
+    return "\n".join(lines)
 
 
 @dataclass
@@ -75,6 +212,7 @@ class Run:
     accuracy: dict[str, float] = field(default_factory=dict)  # dataset -> accuracy in %
     facts: RunFacts | None = None  # the experiment, for the paper's row; None for a bare base model
     trained_on: str | None = None  # "commonsense" / "math" when the training data says so
+    curves: Curves | None = None  # from metrics.jsonl, when training wrote one
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -214,8 +352,11 @@ def load_run(run_dir: Path) -> Run:
             if "accuracy" not in result:
                 raise ReportError(f"{results_dir / f'{dataset}.json'}: no 'accuracy' field")
             run.accuracy[dataset] = 100.0 * float(result["accuracy"])
-    if not run.accuracy:
-        raise ReportError(f"{run_dir}: no <dataset>.json results (looked in {results_dir})")
+    run.curves = read_curves(run_dir / METRICS_FILE)
+    if not run.accuracy and run.curves is None:
+        raise ReportError(
+            f"{run_dir}: no <dataset>.json results (looked in {results_dir}) and no {METRICS_FILE}"
+        )
     return run
 
 
@@ -532,10 +673,23 @@ def plot(runs: list[Run], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dense_lora.report", description=__doc__.splitlines()[0])
     parser.add_argument(
-        "run_dirs", nargs="+", type=Path, help="run folders (training output with eval/ results)"
+        "run_dirs",
+        nargs="+",
+        type=Path,
+        help="run folders: training output with eval/ results and/or metrics.jsonl, or a folder of results",
     )
-    parser.add_argument("--out", type=Path, default=Path("report"), help="writes OUT.md, OUT.csv and OUT.png")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("report"),
+        help="prefix: writes OUT.md, OUT.csv, OUT.png and curves/<run>.png beside them "
+        "(an existing folder means OUT/report.*)",
+    )
     args = parser.parse_args(argv)
+    out = args.out / "report" if args.out.is_dir() else args.out
+    if out.parent.exists() and not out.parent.is_dir():
+        print(f"error: --out {args.out}: {out.parent} is not a folder", file=sys.stderr)
+        return 2
     try:
         runs = [load_run(run_dir) for run_dir in args.run_dirs]
     except ReportError as error:
@@ -545,13 +699,22 @@ def main(argv: list[str] | None = None) -> int:
     for run in runs:  # two runs of one method (say, two ranks without a recorded r) need telling apart
         if labels.count(run.method) > 1:
             run.method = f"{run.method} [{run.path.name}]"
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    files = curve_files(runs, out.parent / "curves")
+    for index, path in files.items():
+        path.parent.mkdir(exist_ok=True)
+        curves = runs[index].curves
+        assert curves is not None
+        plot_curves(curves, runs[index].method, path)
     text = markdown(runs)
-    _write_atomic(Path(f"{args.out}.md"), text.encode())
-    write_csv(runs, Path(f"{args.out}.csv"))
-    plot(runs, Path(f"{args.out}.png"))
+    if files:
+        text += "\n" + curves_markdown(runs, files, out.parent) + "\n"
+    _write_atomic(Path(f"{out}.md"), text.encode())
+    write_csv(runs, Path(f"{out}.csv"))
+    plot(runs, Path(f"{out}.png"))
     print(text)
-    print(f"wrote {args.out}.md, {args.out}.csv, {args.out}.png")
+    written = [f"{out}.md", f"{out}.csv", f"{out}.png", *map(str, files.values())]
+    print(f"wrote {', '.join(written)}")
     return 0
 
 
