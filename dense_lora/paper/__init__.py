@@ -161,3 +161,53 @@ def published_row(facts: RunFacts) -> PaperRow | None:
         and row.get("r", 32 if row["method"] == "LoRA" else None) == facts.r
     ]
     return _row(name, f"{facts.method} r={facts.r}", model, rows[0]) if rows else None
+
+
+# The benchmarks each family's published average is taken over (Table 2 prints four of our six math sets).
+PAPER_BENCHMARKS = {
+    "commonsense": (
+        "boolq",
+        "piqa",
+        "social_i_qa",
+        "hellaswag",
+        "winogrande",
+        "ARC-Easy",
+        "ARC-Challenge",
+        "openbookqa",
+    ),
+    "math": ("gsm8k", "AQuA", "AddSub", "SVAMP"),
+}
+
+
+def variant(facts: RunFacts) -> str | None:
+    """The Table 4 variant a run is ("Freeze", "Only Matrix"), or None for plain DenseLoRA and other methods."""
+    if facts.method != "DenseLoRA":
+        return None
+    if not facts.train_shared:
+        return "Freeze"
+    return "Only Matrix" if facts.activation == "identity" else None
+
+
+def describe(facts: RunFacts) -> str:
+    """A run's experiment in the paper's terms, e.g. "DenseLoRA r=8, Freeze, DenseLoRA on QKV, 30% data"."""
+    parts = [f"{facts.method} r={facts.r}" if facts.r is not None else facts.method]
+    if variant(facts):
+        parts.append(str(variant(facts)))
+    if facts.lora_modules:
+        parts.append(f"LoRA on {_group(facts.lora_modules) or ','.join(facts.lora_modules)}")
+    dense = tuple(name for name in facts.target_modules if name not in facts.lora_modules)
+    group = _group(dense)
+    if group != "QKVUD":
+        parts.append(f"{facts.method} on {group or ','.join(dense)}")
+    if facts.data_fraction != 1.0:
+        parts.append(f"{facts.data_fraction:.0%} data")
+    return ", ".join(parts)
+
+
+def no_row_reason(facts: RunFacts) -> str:
+    """Why :func:`published_row` found nothing, in one line, so a report says it instead of inventing a row."""
+    if not facts.base_model:
+        return "the run does not record its base model"
+    if paper_model(facts.base_model) is None:
+        return f"the paper did not fine-tune {facts.base_model} (only LLaMA2-7B and LLaMA3-8B)"
+    return f"the paper printed no {facts.family} row for {describe(facts)} on {paper_model(facts.base_model)}"
