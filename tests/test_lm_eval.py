@@ -1,6 +1,6 @@
 """lm-evaluation-harness on a DenseLoRA adapter of the real SmolLM2-135M-Instruct, offline.
 
-A local lm-eval task (YAML + a process_docs function) scores the first 20 real ARC-Easy test questions of the
+A local lm-eval task (YAML + a process_docs function) scores the first 8 real ARC-Easy test questions of the
 LLM-Adapters set as multiple-choice log-likelihood. The base model runs through the Python route
 (``import dense_lora`` then ``lm_eval.simple_evaluate``), the adapter through ``python -m dense_lora.lm_eval``
 (lm-eval's own CLI, ``--model hf --model_args pretrained=...,peft=...``). The test checks that the adapter is
@@ -29,7 +29,7 @@ from dense_lora.lm_eval import check_adapter, main, peft_paths
 
 REPO = Path(__file__).resolve().parents[1]
 TASK = "denselora_arc_easy_ll"
-LIMIT = 20
+LIMIT = 8  # questions: enough to compare every log-likelihood, few enough for CI on 2 cores
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 PROCESS_DOCS = '''
