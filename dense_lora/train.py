@@ -53,6 +53,7 @@ from .data import (
     train_val_split,
 )
 from .models import load_base_model, load_tokenizer
+from .packing import choose_collator
 
 ADAPTER_NAMES = ("denselora", "lora", "dora")
 # Exit status of a run stopped by SIGTERM after saving a checkpoint: EX_TEMPFAIL ("try again later"), so a
@@ -102,6 +103,8 @@ class TrainConfig:
     load_best_model_at_end: bool = True
     train_on_inputs: bool = True
     group_by_length: bool = False
+    # padding-free micro-batches (dense_lora/packing.py); off by itself where attention cannot honour boundaries
+    packing: bool = True
     padding_side: str = "right"
     data_fraction: float = 1.0
     seed: int = 42
@@ -376,6 +379,7 @@ def check_output_dir(config: TrainConfig) -> None:
         saved = json.loads(saved_file.read_text())
     except json.JSONDecodeError:
         raise TrainError(f"{saved_file} is not valid JSON; pass --overwrite to replace the run") from None
+    saved = {"packing": False, **saved}  # a run_config.json written before --packing existed is a padded run
     current = json.loads(json.dumps(config.fingerprint()))  # same JSON types as the saved copy
     differing = sorted(key for key in set(saved) | set(current) if saved.get(key) != current.get(key))
     if differing:
@@ -701,6 +705,12 @@ def run(config: TrainConfig) -> dict[str, Any]:
     args = training_arguments(config, accumulation, has_validation=val_set is not None)
     model = build_model(config)
     counts = parameter_counts(model)
+    collator, packing_note = choose_collator(model, make_collator(tokenizer), config.packing)
+    if packing_note and is_main_process():
+        print(f"note: {packing_note}", file=sys.stderr)
+    packed = config.packing and packing_note is None
+    if packed:  # a packed row has no padding (and no attention mask to count it by): every token is real
+        args.include_num_input_tokens_seen = "all"
 
     output_dir = Path(config.output_dir).expanduser()
     metrics = MetricsLog(output_dir / METRICS_FILE)
@@ -710,7 +720,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
         args=args,
         train_dataset=train_set,
         eval_dataset=val_set,
-        data_collator=make_collator(tokenizer),
+        data_collator=collator,
         callbacks=[metrics, stopper],
     )
     if trainer.is_world_process_zero():
@@ -742,6 +752,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
         "max_steps": state.max_steps,
         "world_size": processes,
         "gradient_accumulation_steps": accumulation,
+        "packed": packed,
         "train_records": len(train_set),
         "validation_records": len(val_set) if val_set is not None else 0,
         "train_loss": result.training_loss,
