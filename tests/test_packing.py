@@ -96,7 +96,7 @@ def compare_paths(
     base.set_attn_implementation("sdpa")
     want_loss, want = loss_and_gradients(model, padded, items)
     assert len(want) > 0 and all(g.abs().sum() > 0 for g in want.values())
-    for implementation in ("sdpa", PACKED_SDPA, "eager"):
+    for implementation in implementations:
         if implementation == PACKED_SDPA:
             assert enable_packed_attention(model)
         else:
@@ -128,16 +128,17 @@ def test_tiny_llama_packed_equals_padded() -> None:
 
 
 def test_smollm2_real_records_packed_equals_padded(smollm2_dir: Path) -> None:
-    """The real model (float32) on four real training records of different lengths."""
+    """The real model (float32) on three real training records of different lengths; transformers' mask-based
+    sdpa and the per-record sdpa training uses (eager is covered on the tiny LLaMA)."""
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
-    records = load_records("dataset/boolq/train.json")[:2] + load_records("dataset/openbookqa/train.json")[:2]
+    records = load_records("dataset/boolq/train.json")[:1] + load_records("dataset/openbookqa/train.json")[:2]
     features = [tokenize_example(tokenizer, record, 256, False) for record in records]
     assert len({len(f["input_ids"]) for f in features}) > 1
     base = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
     base.config.use_cache = False
     config = DenseLoraConfig(r=8, target_modules=["q_proj", "v_proj", "down_proj"], init_weights=False)
     model = get_peft_model(base, config).train()
-    compare_paths(model, tokenizer.pad_token_id, features, rtol=2e-4, atol=2e-6)
+    compare_paths(model, tokenizer.pad_token_id, features, ("sdpa", PACKED_SDPA), rtol=2e-4, atol=2e-6)
 
 
 def test_packing_is_refused_where_boundaries_would_leak() -> None:
