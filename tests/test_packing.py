@@ -79,7 +79,11 @@ def loss_and_gradients(model: torch.nn.Module, batch: dict[str, torch.Tensor], i
 
 
 def compare_paths(
-    model, tokenizer_pad: int, features: list[dict[str, list[int]]], **tolerance: float
+    model,
+    tokenizer_pad: int,
+    features: list[dict[str, list[int]]],
+    implementations: tuple[str, ...] = ("sdpa", PACKED_SDPA, "eager"),
+    **tolerance: float,
 ) -> None:
     """Padded (sdpa with the padding mask) against packed: transformers' block-diagonal sdpa mask, per-record sdpa
     (``sdpa_packed``) and eager; loss and every adapter gradient within ``tolerance``."""
