@@ -82,6 +82,7 @@ class Settings:
     device: str = "cpu"
     peak_tflops: float = 989.0
     threads: int = 0  # torch CPU threads; 0 keeps torch's default
+    dropout: float = 0.05  # adapter dropout of every method: the recipe's (LLM-Adapters trains with 0.05)
 
     @property
     def tokens(self) -> int:
@@ -126,11 +127,11 @@ def build_base(settings: Settings) -> nn.Module:
     if not uses_meta(settings):
         model = model.to(settings.device)
     model.requires_grad_(False)
-    return model.train()  # checkpointing is only active in train mode; dropout is 0 everywhere
+    return model.train()  # train mode: checkpointing and adapter dropout active
 
 
 def attach_method(base: nn.Module, method: str, settings: Settings) -> nn.Module:
-    """Wrap a copy-owned base with the method's adapter (same r, alpha, QKVUD targets, zero dropout).
+    """Wrap a copy-owned base with the method's adapter (same r, alpha, QKVUD targets and dropout).
 
     Gradient checkpointing is enabled before wrapping, as a training script would; transformers then makes the
     embedding output require grad, which the non-reentrant checkpoint does not need but real runs have.
@@ -148,14 +149,18 @@ def attach_method(base: nn.Module, method: str, settings: Settings) -> nn.Module
         return base
     if method in ("denselora", "denselora-reference"):
         config = dense_lora.DenseLoraConfig(
-            r=settings.r, lora_alpha=settings.lora_alpha, target_modules=targets, init_seed=settings.seed
+            r=settings.r,
+            lora_alpha=settings.lora_alpha,
+            target_modules=targets,
+            lora_dropout=settings.dropout,
+            init_seed=settings.seed,
         )
     elif method in ("lora", "dora"):
         config = LoraConfig(
             r=settings.r,
             lora_alpha=settings.lora_alpha,
             target_modules=targets,
-            lora_dropout=0.0,
+            lora_dropout=settings.dropout,
             use_dora=method == "dora",
         )
     else:
@@ -745,7 +750,7 @@ def render_block(report: dict[str, Any]) -> str:
     """One markdown block for a JSON report: a heading with machine, versions, load, code version and command,
     then a row per method and checkpointing setting."""
     info, runs = report["machine"], report["runs"]
-    settings = Settings(**runs[0]["settings"])
+    settings = Settings(**{"dropout": 0.0, **runs[0]["settings"]})  # reports before --dropout measured 0
     results = [MethodResult(**res) for run in runs for res in run["results"]]
     start_load = report.get("loadavg_start")
     load = f"{start_load[0]:.2f} at start, " if start_load else ""
@@ -756,7 +761,7 @@ def render_block(report: dict[str, Any]) -> str:
     block = [
         "",
         f"### {date} — {settings.model}, {settings.dtype}, batch {settings.batch}×{settings.seq}, r={settings.r}, "
-        "QKVUD",
+        f"QKVUD, dropout {settings.dropout:g}",
         "",
         f"- command: `{report['command']}`",
         f"- machine: {info['cpu']}, {info['cores']} cores ({info['torch_threads']} torch threads)"
@@ -799,6 +804,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--dropout",
+        type=float,
+        default=0.05,
+        help="adapter dropout of every method (default: the recipe's 0.05)",
+    )
     parser.add_argument("--device", default=None, help="default cuda when available, else cpu")
     parser.add_argument(
         "--peak_tflops", type=float, default=989.0, help="device peak for MFU (H100 bf16 dense)"
@@ -841,6 +852,7 @@ def settings_for(args: argparse.Namespace, checkpointing: bool) -> Settings:
         device=device,
         peak_tflops=args.peak_tflops,
         threads=args.threads or 0,
+        dropout=args.dropout,
     )
 
 

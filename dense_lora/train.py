@@ -60,6 +60,7 @@ from .data import (
     train_val_split,
 )
 from .models import load_base_model, load_tokenizer
+from .packing import choose_collator
 
 METHODS = ("denselora", "lora", "dora", "vera")
 ADAPTER_NAMES = METHODS  # the name of --method before it was renamed; kept for callers that import it
@@ -115,6 +116,8 @@ class TrainConfig:
     load_best_model_at_end: bool = True
     train_on_inputs: bool = True
     group_by_length: bool = False
+    # padding-free micro-batches (dense_lora/packing.py); off by itself where attention cannot honour boundaries
+    packing: bool = True
     padding_side: str = "right"
     data_fraction: float = 1.0
     seed: int = 42
@@ -409,6 +412,7 @@ def check_output_dir(config: TrainConfig) -> None:
         raise TrainError(f"{saved_file} is not valid JSON; pass --overwrite to replace the run") from None
     if "adapter_name" in saved and "method" not in saved:  # written before --adapter_name became --method
         saved["method"] = saved.pop("adapter_name")
+    saved = {"packing": False, **saved}  # a run_config.json written before --packing existed is a padded run
     current = json.loads(json.dumps(config.fingerprint()))  # same JSON types as the saved copy
     differing = sorted(key for key in set(saved) | set(current) if saved.get(key) != current.get(key))
     if differing:
@@ -734,6 +738,12 @@ def run(config: TrainConfig) -> dict[str, Any]:
     args = training_arguments(config, accumulation, has_validation=val_set is not None)
     model = build_model(config)
     counts = parameter_counts(model)
+    collator, packing_note = choose_collator(model, make_collator(tokenizer), config.packing)
+    if packing_note and is_main_process():
+        print(f"note: {packing_note}", file=sys.stderr)
+    packed = config.packing and packing_note is None
+    if packed:  # a packed row has no padding (and no attention mask to count it by): every token is real
+        args.include_num_input_tokens_seen = "all"
 
     output_dir = Path(config.output_dir).expanduser()
     metrics = MetricsLog(output_dir / METRICS_FILE)
@@ -743,7 +753,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
         args=args,
         train_dataset=train_set,
         eval_dataset=val_set,
-        data_collator=make_collator(tokenizer),
+        data_collator=collator,
         callbacks=[metrics, stopper],
     )
     if trainer.is_world_process_zero():
@@ -777,6 +787,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
         "max_steps": state.max_steps,
         "world_size": processes,
         "gradient_accumulation_steps": accumulation,
+        "packed": packed,
         "train_records": len(train_set),
         "validation_records": len(val_set) if val_set is not None else 0,
         "train_loss": result.training_loss,

@@ -1,0 +1,176 @@
+"""Useful tokens per second of real fine-tuning, padding-free (``--packing True``) against padded batches.
+
+Runs ``dense_lora.train.run`` (what ``finetune.py`` runs: the HF Trainer, the recipe's optimizer, dropout 0.05)
+on the commonsense training mix (boolq, ARC-Easy, ARC-Challenge, openbookqa ``train.json``, seeded shuffle),
+alternating packed and padded runs in one process: A, B, A, B, ... with the starting side swapped each round, so
+load drift on a shared machine hits both alike. Both runs see the same records in the same order (same seed), so
+each step trains the same real tokens; the time of a step comes from the per-step log (``metrics.jsonl``:
+tokens and tokens/s since the previous log). The first step of each run (warm-up) is dropped.
+
+    python bench/packing.py --rounds 2 --steps 6                # SmolLM2, bf16, cutoff 256, micro-batch 4
+
+Reported: per variant the median step time and the pooled useful tokens/s (real tokens / time, over every
+measured step), and packed ÷ padded. Appends a block to bench/RESULTS.md unless --no_results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import random
+import shlex
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # run as `python bench/packing.py` from anywhere
+    sys.path.insert(0, str(REPO_ROOT))
+
+MIX = ("boolq", "ARC-Easy", "ARC-Challenge", "openbookqa")
+DEFAULT_RESULTS = REPO_ROOT / "bench" / "RESULTS.md"
+
+
+def write_mix(folder: Path, records: int, seed: int) -> Path:
+    """The first ``records`` of the seeded shuffle of the mix's training records, as one JSON file."""
+    from dense_lora.data import load_records
+
+    mix: list[Any] = []
+    for name in MIX:
+        mix += load_records(f"dataset/{name}/train.json")
+    random.Random(seed).shuffle(mix)
+    path = folder / "mix.json"
+    path.write_text(json.dumps(mix[:records]))
+    return path
+
+
+def step_times(output_dir: Path) -> list[tuple[int, float]]:
+    """(real tokens, seconds) of each logged training step after the first, from metrics.jsonl."""
+    entries = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [e for e in entries if "loss" in e and e.get("tokens_per_s")]
+    out, previous = [], None
+    for entry in steps:
+        seen = entry["num_input_tokens_seen"]
+        if previous is not None:
+            tokens = seen - previous
+            out.append((tokens, tokens / entry["tokens_per_s"]))
+        previous = seen
+    return out
+
+
+def one_run(data: Path, output_dir: Path, packing: bool, args: argparse.Namespace) -> list[tuple[int, float]]:
+    from dense_lora.train import TrainConfig, run
+
+    config = TrainConfig(
+        base_model=args.model,
+        data_path=str(data),
+        output_dir=str(output_dir),
+        batch_size=args.micro_batch,
+        micro_batch_size=args.micro_batch,
+        max_steps=args.steps,
+        val_set_size=0,
+        save_step=10**6,
+        logging_steps=1,
+        warmup_steps=0,
+        cutoff_len=args.cutoff,
+        bf16=args.dtype == "bf16",
+        adapter_name=args.method,
+        packing=packing,
+        overwrite=True,
+    )
+    summary = run(config)
+    assert summary["packed"] is packing, "packing was switched off for this model"
+    return step_times(output_dir)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--method", default="denselora", choices=("denselora", "lora", "dora"))
+    parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))
+    parser.add_argument("--micro_batch", type=int, default=4)
+    parser.add_argument("--cutoff", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=6, help="optimizer steps per run (the first is dropped)")
+    parser.add_argument("--rounds", type=int, default=2, help="packed+padded pairs")
+    parser.add_argument("--records", type=int, default=400)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
+    parser.add_argument("--no_results", action="store_true")
+    parser.add_argument("--out", type=Path, default=None, help="also write the report as JSON here")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load_start = os.getloadavg()
+    times: dict[bool, list[tuple[int, float]]] = {True: [], False: []}
+    with tempfile.TemporaryDirectory() as tmp:
+        data = write_mix(Path(tmp), args.records, args.seed)
+        for round_index in range(args.rounds):
+            order = (True, False) if round_index % 2 == 0 else (False, True)
+            for packing in order:
+                measured = one_run(data, Path(tmp) / f"run-{packing}", packing, args)
+                times[packing] += measured
+                print(f"[bench] round {round_index} packing={packing}: {measured}", file=sys.stderr)
+    report: dict[str, Any] = {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "command": "python bench/packing.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "loadavg_start": load_start,
+        "loadavg_end": os.getloadavg(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    for packing, name in ((True, "packed"), (False, "padded")):
+        tokens = sum(t for t, _ in times[packing])
+        seconds = sum(s for _, s in times[packing])
+        report[name] = {
+            "steps": len(times[packing]),
+            "median_step_s": statistics.median(s for _, s in times[packing]),
+            "useful_tokens": tokens,
+            "useful_tokens_per_s": tokens / seconds,
+        }
+    report["packed_over_padded"] = (
+        report["packed"]["useful_tokens_per_s"] / report["padded"]["useful_tokens_per_s"]
+    )
+    print(json.dumps(report, indent=1))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=1))
+    if not args.no_results:
+        with args.results.open("a") as handle:
+            handle.write(render(report))
+    return report
+
+
+def render(report: dict[str, Any]) -> str:
+    packed, padded, s = report["packed"], report["padded"], report["settings"]
+    return "\n".join(
+        [
+            "",
+            f"### {report['date']} — padding-free training, {s['model']} {s['method']} {s['dtype']}, "
+            f"micro-batch {s['micro_batch']}, cutoff {s['cutoff']}, the commonsense mix",
+            "",
+            f"- command: `{report['command']}`",
+            f"- shared machine: load average {report['loadavg_start'][0]:.1f} at start, "
+            f"{report['loadavg_end'][0]:.1f} at end; {report['torch_threads']} torch threads; runs interleaved",
+            "",
+            "| batches | measured steps | median step s | useful tokens/s | × padded |",
+            "|---|---:|---:|---:|---:|",
+            f"| padded | {padded['steps']} | {padded['median_step_s']:.2f} | {padded['useful_tokens_per_s']:.0f} | 1.00 |",
+            f"| packed | {packed['steps']} | {packed['median_step_s']:.2f} | {packed['useful_tokens_per_s']:.0f} "
+            f"| **{report['packed_over_padded']:.2f}** |",
+            "",
+        ]
+    )
+
+
+if __name__ == "__main__":
+    main()

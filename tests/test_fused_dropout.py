@@ -1,0 +1,124 @@
+"""The fused path's dropout masks: drawn from the seed, replayed bit-exactly in backward, at the asked rate.
+
+The masks are never stored; backward regenerates them from the seed. These tests pin what that scheme promises:
+the same seed gives the same masks (whatever the thread count), the rate is p, forward and backward use the
+same masks (an input element dropped in forward gets exactly zero adapter gradient), and values and gradients
+equal the plain formula run with the same masks.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_tiny_llama
+from peft import get_peft_model
+
+from dense_lora import DenseLoraConfig
+from dense_lora.fused import SeededDropout, fused_dense_add
+from dense_lora.layer import dense_delta
+
+N, IN, OUT, R = 12, 40, 24, 6
+
+
+def weights(dtype: torch.dtype = torch.float64) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    return [
+        (torch.randn(shape, generator=generator) / 3).to(dtype).requires_grad_()
+        for shape in ((R, IN), (R, R), (OUT, R))
+    ]
+
+
+def test_same_seed_same_masks_other_seed_other_masks() -> None:
+    like = torch.empty(64, 33)  # an odd element count: the last 64-bit word is half used
+    first = [SeededDropout(7, 0.3, like.device).keep(like) for _ in range(2)]
+    assert torch.equal(first[0], first[1])
+    assert set(first[0].unique().tolist()) == {0.0, 1.0}
+    other = SeededDropout(8, 0.3, like.device).keep(like)
+    assert not torch.equal(first[0], other)
+    # successive draws from one generator differ (x, hidden and output get independent masks)
+    replay = SeededDropout(7, 0.3, like.device)
+    assert not torch.equal(replay.keep(like), replay.keep(like))
+
+
+def test_masks_do_not_depend_on_the_thread_count() -> None:
+    like = torch.empty(512, 300, dtype=torch.bfloat16)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = SeededDropout(3, 0.05, like.device).keep(like)
+        torch.set_num_threads(max(2, threads))
+        many = SeededDropout(3, 0.05, like.device).keep(like)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, many)
+
+
+@pytest.mark.parametrize("p", [0.05, 0.5])
+def test_drop_rate_is_p(p: float) -> None:
+    """2^20 draws: the dropped share is within 6 standard deviations of p, and dropout keeps the mean."""
+    like = torch.empty(1024, 1024)
+    dropout = SeededDropout(11, p, like.device)
+    dropped = 1.0 - dropout.keep(like).mean().item()
+    sd = (p * (1 - p) / like.numel()) ** 0.5
+    assert abs(dropped - p) < 6 * sd
+    assert dropout.mask(like).mean().item() == pytest.approx(1.0, abs=6 * sd / (1 - p))
+
+
+@pytest.mark.parametrize("activation", ["gelu", "identity", "silu"])
+@pytest.mark.parametrize("fuse_base", [False, True])
+def test_gradients_equal_the_formula_with_the_same_masks(activation: str, fuse_base: bool) -> None:
+    """float64, p=0.2: output and every gradient equal the plain formula fed the replayed masks."""
+    x = torch.randn(2, N // 2, IN, dtype=torch.float64)
+    linear = torch.nn.Linear(IN, OUT, dtype=torch.float64).requires_grad_(False)
+    upstream = torch.randn(2, N // 2, OUT, dtype=torch.float64)
+
+    def run(update):
+        xx = x.clone().requires_grad_()
+        params = weights()
+        (update(xx, *params) * upstream).sum().backward()
+        return [xx.grad, *(p.grad for p in params)]
+
+    fused = run(
+        lambda xx, e, m, d: fused_dense_add(
+            linear if fuse_base else linear(xx), xx, e, m, d, activation, 1.5, 0.2, seed=5
+        )
+    )
+    plain = run(
+        lambda xx, e, m, d: (
+            linear(xx) + dense_delta(xx, e, m, d, activation, SeededDropout(5, 0.2, xx.device), 1.5)
+        )
+    )
+    for got, want in zip(fused, plain, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_backward_replays_the_forward_masks_exactly() -> None:
+    """With the base detached, x's gradient comes from the adapter alone: it is exactly 0 on the elements forward
+    dropped and non-zero elsewhere, and bf16 compute changes nothing about which."""
+    x = torch.randn(N, IN, dtype=torch.bfloat16, requires_grad=True)
+    encoder, middle, decoder = (w.detach().float().requires_grad_() for w in weights())
+    base = torch.zeros(N, OUT, dtype=torch.bfloat16)
+    out = fused_dense_add(base, x, encoder, middle, decoder, "identity", 2.0, 0.25, seed=9)
+    out.sum().backward()
+    keep_x = SeededDropout(9, 0.25, x.device).keep(x) != 0  # forward's first mask
+    assert torch.equal(x.grad != 0, keep_x)
+    assert 0.15 < 1 - keep_x.float().mean().item() < 0.35
+
+
+def test_runs_are_reproducible_from_torch_seed() -> None:
+    """Without an explicit seed the mask seed comes from torch's RNG: torch.manual_seed replays a whole model step,
+    and another torch seed gives other masks (so the step's loss differs)."""
+
+    def step(torch_seed: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        config = DenseLoraConfig(r=4, lora_dropout=0.1, init_weights=False, init_seed=0)
+        model = get_peft_model(make_tiny_llama(), config).train()
+        ids = torch.arange(3, 23).view(2, 10)
+        torch.manual_seed(torch_seed)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), [p.grad for p in model.parameters() if p.requires_grad]
+
+    (loss_a, grads_a), (loss_b, grads_b) = step(123), step(123)
+    assert torch.equal(loss_a, loss_b)
+    assert len(grads_a) > 0 and all(torch.equal(a, b) for a, b in zip(grads_a, grads_b, strict=True))
+    assert not torch.equal(step(124)[0], loss_a)
