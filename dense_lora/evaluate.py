@@ -31,6 +31,7 @@ import os
 import platform
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -446,14 +447,20 @@ def load_model(
     if lora_weights is not None:
         from peft import PeftModel
 
-        try:
-            model = PeftModel.from_pretrained(model, lora_weights, is_trainable=False)
-        except (ValueError, RuntimeError, KeyError) as error:
-            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise EvaluationError(
-                f"adapter {lora_weights} does not fit base model {base_model}: {first}"
-            ) from None
+        # peft's warnings about keys it could not place are held back: the check below turns a partial load
+        # into one error line; any other warning is shown once the adapter is known to fit.
+        with warnings.catch_warnings(record=True) as held:
+            warnings.simplefilter("always")
+            try:
+                model = PeftModel.from_pretrained(model, lora_weights, is_trainable=False)
+            except (ValueError, RuntimeError, KeyError) as error:
+                first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                raise EvaluationError(
+                    f"adapter {lora_weights} does not fit base model {base_model}: {first}"
+                ) from None
         check_adapter_loaded(model, Path(lora_weights), base_model)
+        for caught in held:
+            warnings.warn_explicit(caught.message, caught.category, caught.filename, caught.lineno)
     model.eval()
     return model, load_tokenizer(base_model, padding_side="left")
 
