@@ -201,8 +201,12 @@ def test_11_3_lora_adapter_of_another_base_is_refused_whole(cases, real_data):
         capture_output=True, text=True, env=ENV, timeout=1200,
     )  # fmt: skip
     assert done.returncode == 2
-    assert done.stderr.strip().splitlines() == [one_error_line(done.stderr)], done.stderr  # the only line
-    line = done.stderr.strip()
+    line = one_error_line(done.stderr)
+    # The only line besides transformers' weight-loading progress bar: no bitsandbytes kernels notice (11.6),
+    # no peft warning about keys it could not place.
+    assert [text for text in done.stderr.strip().splitlines() if not text.startswith("Loading weights")] == [
+        line
+    ]
     assert "does not fit base model" in line and "with no place in the model" in line
     assert "layers.2." in line or "layers.3." in line
     assert not out.exists()
@@ -216,8 +220,8 @@ def test_11_4_rerun_resumes_from_the_newest_checkpoint_and_says_so(cases):
     assert f"note: resuming from {killed / 'checkpoint-2'}" in stderr
     summary = json.loads((killed / "summary.json").read_text())
     assert summary["resumed_from"] == str(killed / "checkpoint-2") and summary["global_step"] == 4
-    steps = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
-    assert [step for step in steps if step] == [1, 2, 3, 4]
+    records = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert [record["step"] for record in records if "loss" in record] == [1, 2, 3, 4]  # one history
     # Asking explicitly not to resume a folder with progress is refused, naming the ways forward.
     status, elapsed = cases["results"]["explicit no resume"]
     line = one_error_line(cases["stderr"]["explicit no resume"])
