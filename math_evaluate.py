@@ -1,14 +1,25 @@
 """Evaluate a base model, optionally with a peft adapter, on the arithmetic reasoning benchmarks.
 
-    python math_evaluate.py --dataset gsm8k --base_model smollm2 --lora_weights runs/smollm2-math --batch_size 16
+    python math_evaluate.py --dataset gsm8k --base_model smollm2 --lora_weights runs/smollm2-math
     torchrun --nproc_per_node 2 math_evaluate.py --dataset all --base_model ... --lora_weights ...
 
-All flags and the protocol are documented in docs/evaluation.md; the work is done by dense_lora.evaluate.
+All flags and the protocol are documented in ``--help`` and docs/evaluation.md; the arguments are checked by
+dense_lora.cli before anything loads, the work is done by dense_lora.evaluate. Also installed as the
+``denselora-eval-math`` command.
 """
 
-import fire
+from __future__ import annotations
 
-from dense_lora.evaluate import cli
+import sys
+from collections.abc import Sequence
+
+from finetune import strict_cli
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Evaluate from the command line (default: sys.argv); returns the exit status."""
+    return strict_cli().evaluate_math(argv, prog="math_evaluate.py")
+
 
 if __name__ == "__main__":
-    fire.Fire(cli("math"))
+    sys.exit(main())

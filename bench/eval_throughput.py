@@ -2,6 +2,8 @@
 
     python bench/eval_throughput.py --model smollm2 --datasets boolq,piqa --per_dataset 32 --batch_size 32
 
+(with the package installed: ``pip install -e .``; ``--help`` lists the flags).
+
 Three decodes of the same prompts (first `per_dataset` records of each test set), timed end to end:
 
 * protocol: one example at a time, 4-beam search, `max_new_tokens` (what the published numbers used);
@@ -19,10 +21,11 @@ from __future__ import annotations
 
 import json
 import platform
+import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
-import fire
 import torch
 
 from dense_lora.answers import extract_answer
@@ -127,5 +130,29 @@ def main(
     print(json.dumps(summary, indent=2))
 
 
+FLAG_HELP = {
+    "model": "base model: a local folder, a hub id or an alias (smollm2)",
+    "datasets": "commonsense benchmarks to draw prompts from, comma list",
+    "per_dataset": "first N test records of each benchmark",
+    "batch_size": "batch size of the fast path",
+    "max_new_tokens": "generated-token budget of every decode",
+    "lora_weights": "peft adapter folder applied to the model (none: the bare base)",
+    "dtype": "model dtype: float32, bfloat16 or float16",
+}
+
+
+def cli(argv: Sequence[str] | None = None) -> int:
+    """Strict flags (dense_lora.cli): a typo is one error line and exit status 2 before the model loads."""
+    from dense_lora.cli import fail, parse_or_exit, signature_flags
+
+    flags = signature_flags(str(Path(__file__).resolve()), "main", FLAG_HELP)
+    values = parse_or_exit(argv, flags, "bench/eval_throughput.py", __doc__ or "")
+    try:
+        main(**values)
+    except (ValueError, FileNotFoundError) as error:
+        fail(error)
+    return 0
+
+
 if __name__ == "__main__":
-    fire.Fire(main)
+    sys.exit(cli())

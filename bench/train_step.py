@@ -44,10 +44,8 @@ import torch
 from torch import nn
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # run as `python bench/train_step.py` from anywhere
-    sys.path.insert(0, str(REPO_ROOT))
 
-import dense_lora  # noqa: E402  (registers the DENSELORA peft type)
+import dense_lora  # noqa: E402  (registers the DENSELORA peft type; `pip install -e .` makes it importable)
 from dense_lora.layer import reference_implementation  # noqa: E402
 
 METHODS = ("denselora", "denselora-reference", "lora", "dora", "frozen")

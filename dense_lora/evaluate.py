@@ -31,8 +31,9 @@ import os
 import platform
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -68,6 +69,19 @@ EXTRACTION_CHOICES = (*EXTRACTIONS, "both")
 # Longest option string of the commonsense first-match patterns ("solution1"); the early-stop margin
 # needs an upper bound, and tests/test_generation.py checks this one against dense_lora.answers.
 MAX_OPTION_CHARS = 12
+# Batch size when --batch_size is not given and there is no GPU to probe: on CPU the fast decoder gains little
+# beyond 16 rows (measured on SmolLM2, docs/evaluation.md), and 16 keeps memory small on any machine.
+CPU_DEFAULT_BATCH_SIZE = 16
+# The largest batch the GPU probe tries; beyond it finished rows leave the batch so fast that more rows add
+# little, and a smaller ceiling keeps the probe short.
+GPU_MAX_BATCH_SIZE = 64
+# Pickled weights execute code on load; the message says how to convert them once, somewhere trusted.
+PICKLE_REFUSAL = (
+    "{path} is a pickle file (adapter_model.bin), which can run arbitrary code when loaded, so it is refused; "
+    'convert it once where you trust it: python -c "import torch, safetensors.torch as st; '
+    "st.save_file(torch.load('{path}', weights_only=True), '{folder}/adapter_model.safetensors')\" "
+    "and delete the .bin"
+)
 
 
 class EvaluationError(Exception):
@@ -145,13 +159,18 @@ def adapter_info(lora_weights: str | None) -> dict[str, Any] | None:
         raise EvaluationError(
             f"--lora_weights {folder}: no adapter_config.json there (not a peft adapter folder)"
         )
-    weights = next(
-        (folder / n for n in ("adapter_model.safetensors", "adapter_model.bin") if (folder / n).is_file()),
-        None,
-    )
-    if weights is None:
-        raise EvaluationError(f"--lora_weights {folder}: no adapter_model.safetensors or adapter_model.bin")
-    config = json.loads(config_file.read_text())
+    weights = folder / "adapter_model.safetensors"
+    if not weights.is_file():
+        if (folder / "adapter_model.bin").is_file():
+            raise EvaluationError(PICKLE_REFUSAL.format(path=folder / "adapter_model.bin", folder=folder))
+        raise EvaluationError(f"--lora_weights {folder}: no adapter_model.safetensors")
+    check_safetensors(weights)
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as error:
+        raise EvaluationError(
+            f"{config_file} is not valid JSON ({error}); the adapter folder is damaged"
+        ) from None
     return {
         "path": str(folder.resolve()),
         "peft_type": config.get("peft_type"),
@@ -160,6 +179,26 @@ def adapter_info(lora_weights: str | None) -> dict[str, Any] | None:
         "base_model_name_or_path": config.get("base_model_name_or_path"),
         "sha256": _sha256(weights),
     }
+
+
+def check_safetensors(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes of a safetensors file, checked to be complete; a truncated or corrupt file is one line.
+
+    Read before the model loads, so a damaged adapter fails in seconds, not after minutes of loading.
+    """
+    from safetensors import safe_open
+
+    try:  # the header must describe exactly the bytes that follow it, so a cut-off file fails here
+        with safe_open(str(path), framework="pt") as handle:
+            shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118
+    except Exception as error:  # safetensors raises its own SafetensorError (or OSError)
+        reason = " ".join(str(error).split())[:120]
+        raise EvaluationError(
+            f"{path} is truncated or corrupt ({reason}); copy or train the adapter again"
+        ) from None
+    if not shapes:
+        raise EvaluationError(f"{path} holds no tensors; copy or train the adapter again")
+    return shapes
 
 
 # --------------------------------------------------------------------------------------------------
@@ -283,6 +322,61 @@ def load_progress(out_dir: Path, config: dict[str, Any], overwrite: bool) -> dic
     return done
 
 
+def earlier_batch_size(out_dir: Path, dataset: str) -> int | None:
+    """The batch size of results already in `out_dir` for `dataset` (final file or a JSONL part), if any.
+
+    An automatic batch size must not change between a killed run and its rerun: the batch plan, and so the
+    generated text, depends on it, and a different size would make the folder "a different config".
+    """
+    final = out_dir / f"{dataset}.json"
+    try:
+        if final.is_file():
+            return json.loads(final.read_text()).get("config", {}).get("batch_size") or None
+        for part in _parts(out_dir, dataset):
+            if part.is_file():
+                header, _ = read_part(part)
+                if header is not None:
+                    return header.get("batch_size") or None
+    except (json.JSONDecodeError, EvaluationError):
+        return None  # damaged files: load_progress reports them
+    return None
+
+
+def choose_batch_size(
+    model: Any, tokenizer: Any, records: Sequence[dict[str, Any]], settings: EvalSettings, procs: Processes
+) -> tuple[int, str]:
+    """Batch size and how it was chosen when --batch_size is not given: a GPU probe, else the CPU default.
+
+    The probe runs one forward pass over `size` copies of the benchmark's longest prompt padded to its
+    longest possible sequence (prompt + max_new_tokens) with the KV cache on, which needs at least the memory
+    of any batch the decoder will run (the decoder keeps logits of one position only), halving from
+    GPU_MAX_BATCH_SIZE until one fits. All ranks use rank 0's choice, so the batch plan stays the same.
+    """
+    if procs.device.type != "cuda":
+        return CPU_DEFAULT_BATCH_SIZE, f"auto: CPU default {CPU_DEFAULT_BATCH_SIZE}"
+    size = GPU_MAX_BATCH_SIZE
+    if procs.rank == 0:
+        prompts = [generate_eval_prompt(record["instruction"]) for record in records]
+        longest = max(len(ids) for ids in tokenizer(prompts)["input_ids"])
+        length = longest + settings.max_new_tokens
+        size = min(GPU_MAX_BATCH_SIZE, 1 << max(len(records) - 1, 0).bit_length())
+        while size > 1:
+            try:
+                ids = torch.full((size, length), tokenizer.pad_token_id or 0, device=procs.device)
+                with torch.no_grad():
+                    model(input_ids=ids, use_cache=True, logits_to_keep=1)
+                break
+            except torch.cuda.OutOfMemoryError:
+                size //= 2
+            finally:
+                torch.cuda.empty_cache()
+    if procs.world > 1:
+        shared = torch.tensor([size], device=procs.device)
+        torch.distributed.broadcast(shared, src=0)
+        size = int(shared.item())
+    return size, f"auto: GPU probe (largest power of two up to {GPU_MAX_BATCH_SIZE} that fits)"
+
+
 # --------------------------------------------------------------------------------------------------
 # Processes
 # --------------------------------------------------------------------------------------------------
@@ -353,15 +447,48 @@ def load_model(
     if lora_weights is not None:
         from peft import PeftModel
 
-        try:
-            model = PeftModel.from_pretrained(model, lora_weights, is_trainable=False)
-        except (ValueError, RuntimeError) as error:
-            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise EvaluationError(
-                f"adapter {lora_weights} does not fit base model {base_model}: {first}"
-            ) from None
+        # peft's warnings about keys it could not place are held back: the check below turns a partial load
+        # into one error line; any other warning is shown once the adapter is known to fit.
+        with warnings.catch_warnings(record=True) as held:
+            warnings.simplefilter("always")
+            try:
+                model = PeftModel.from_pretrained(model, lora_weights, is_trainable=False)
+            except (ValueError, RuntimeError, KeyError) as error:
+                first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                raise EvaluationError(
+                    f"adapter {lora_weights} does not fit base model {base_model}: {first}"
+                ) from None
+        check_adapter_loaded(model, Path(lora_weights), base_model)
+        for caught in held:
+            warnings.warn_explicit(caught.message, caught.category, caught.filename, caught.lineno)
     model.eval()
     return model, load_tokenizer(base_model, padding_side="left")
+
+
+def check_adapter_loaded(model: Any, folder: Path, base_model: str) -> None:
+    """All or nothing, for every peft method: every saved tensor found its place, and every adapter tensor came.
+
+    peft loads with ``strict=False`` and only warns about keys it could not place, so a LoRA/DoRA/VeRA adapter
+    trained on another base (other layer count or module names) would be evaluated half-applied. DenseLoRA
+    refuses that in its own loader; this check holds the other methods to the same rule.
+    """
+    from peft import get_peft_model_state_dict
+
+    saved = check_safetensors(folder / "adapter_model.safetensors")
+    expected = {key: tuple(value.shape) for key, value in get_peft_model_state_dict(model).items()}
+    missing = sorted(set(expected) - set(saved))
+    unexpected = sorted(set(saved) - set(expected))
+    misshapen = sorted(key for key in set(saved) & set(expected) if saved[key] != expected[key])
+    if missing or unexpected or misshapen:
+        details = [f"{len(missing)} adapter tensors missing (e.g. '{missing[0]}')"] if missing else []
+        details += (
+            [f"{len(unexpected)} with no place in the model (e.g. '{unexpected[0]}')"] if unexpected else []
+        )
+        details += [f"{len(misshapen)} of another shape (e.g. '{misshapen[0]}')"] if misshapen else []
+        raise EvaluationError(
+            f"adapter {folder} does not fit base model {base_model}: {'; '.join(details)}; "
+            "it was trained on another base model"
+        )
 
 
 def versions() -> dict[str, str]:
@@ -532,7 +659,7 @@ def run(
     dataset: str | Sequence[str],
     base_model: str,
     lora_weights: str | None = None,
-    batch_size: int = 1,
+    batch_size: int | None = None,
     load_8bit: bool = False,
     load_4bit: bool = False,
     dtype: str = "auto",
@@ -548,12 +675,15 @@ def run(
     """Evaluate `base_model` (+ `lora_weights`) on benchmarks of one family; returns one result per benchmark.
 
     Raises EvaluationError, DataError or FileNotFoundError with one-line messages on bad input, before
-    the model is loaded whenever the problem can be seen without it.
+    the model is loaded whenever the problem can be seen without it; the output folder is created only once
+    the model and adapter have loaded. Without `batch_size`, the batch size is chosen: the one an earlier
+    run in `output_dir` used (so a rerun resumes), else the largest that fits on the GPU, else 16 on CPU;
+    ``batch_size=1`` is the published batch-1 protocol.
     """
     datasets = select_datasets(kind, dataset)
     if extraction not in EXTRACTION_CHOICES:
         raise EvaluationError(f"unknown --extraction '{extraction}'; valid: {', '.join(EXTRACTION_CHOICES)}")
-    for name, value in (("batch_size", batch_size), ("num_beams", num_beams)):
+    for name, value in (("batch_size", 1 if batch_size is None else batch_size), ("num_beams", num_beams)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise EvaluationError(f"--{name} must be a positive integer, got {value!r}")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
@@ -564,10 +694,12 @@ def run(
         raise EvaluationError(f"--max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     if load_8bit and load_4bit:
         raise EvaluationError("--load_8bit and --load_4bit are mutually exclusive")
-    if num_beams > 1 and batch_size > 1:
-        print(
-            f"note: --num_beams {num_beams} runs one example at a time, as LLM-Adapters does", file=sys.stderr
-        )
+    if num_beams > 1 and batch_size != 1:
+        if batch_size is not None:
+            print(
+                f"note: --num_beams {num_beams} runs one example at a time, as LLM-Adapters does",
+                file=sys.stderr,
+            )
         batch_size = 1
     adapter = adapter_info(None if lora_weights is None else str(lora_weights))
     if output_dir is None:
@@ -595,7 +727,7 @@ def run(
             load_4bit=bool(load_4bit),
             num_beams=num_beams,
             max_new_tokens=max_new_tokens,
-            batch_size=batch_size,
+            batch_size=batch_size or 0,  # 0: chosen once the model is loaded
             early_stop=bool(early_stop),
             limit=limit,
             extraction=extraction,
@@ -603,11 +735,18 @@ def run(
         )
         benchmarks.append((settings, records))
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    sources = {}
+    for number, (settings, records) in enumerate(benchmarks):
+        chosen, source = settings.batch_size, "--batch_size"
+        if not chosen and not overwrite and (earlier := earlier_batch_size(out_dir, settings.dataset)):
+            chosen, source = earlier, "auto: the earlier run's, resumed"
+        benchmarks[number] = (replace(settings, batch_size=chosen), records)
+        sources[settings.dataset] = source
     if not overwrite:  # refuse a foreign folder before spending minutes on loading the model
         for settings, _ in benchmarks:
-            load_progress(out_dir, asdict(settings), overwrite=False)
-    meta = {"adapter": adapter, "versions": versions()}
+            if settings.batch_size:
+                load_progress(out_dir, asdict(settings), overwrite=False)
+    meta = {"adapter": adapter, "adapter_sha256": adapter and adapter["sha256"], "versions": versions()}
     torch.manual_seed(seed)
     results = []
     with processes() as procs:
@@ -619,8 +758,21 @@ def run(
             load_4bit=load_4bit,
             device=procs.device,
         )
+        out_dir.mkdir(
+            parents=True, exist_ok=True
+        )  # only now: a refused adapter leaves no empty folder behind
         for settings, records in benchmarks:
-            details = {**meta, "test_file": str(benchmark_test_file(settings.dataset))}
+            if not settings.batch_size:
+                size, sources[settings.dataset] = choose_batch_size(
+                    model, tokenizer, records, settings, procs
+                )
+                settings = replace(settings, batch_size=size)
+            details = {
+                **meta,
+                "test_file": str(benchmark_test_file(settings.dataset)),
+                "batch_size": settings.batch_size,
+                "batch_size_source": sources[settings.dataset],
+            }
             result = evaluate_benchmark(
                 model, tokenizer, kind, settings, records, out_dir, procs, overwrite, details
             )
@@ -634,9 +786,10 @@ def run(
 
 
 def cli(kind: Kind) -> Callable[..., None]:
-    """A fire entry point for one benchmark family: errors become ``error: ...`` and exit status 2.
+    """An in-process entry point for one benchmark family: errors become ``error: ...`` and exit status 2.
 
-    Its flags are :func:`run`'s parameters after ``kind`` (fire reads them from ``__signature__``).
+    Takes :func:`run`'s parameters after ``kind`` as keywords, already typed. The command lines parse their
+    arguments strictly in :mod:`dense_lora.cli` (from the same signature) and then call :func:`run`.
     """
 
     def main(*args: Any, **flags: Any) -> None:

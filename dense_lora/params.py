@@ -13,7 +13,6 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import fire
 from peft import LoraConfig, get_peft_model
 from transformers import PretrainedConfig
 
@@ -70,9 +69,14 @@ def main(
     r: int | str | Sequence[int] = (16, 32, 64),
     target_modules: str | Sequence[str] = tuple(DEFAULT_TARGET_MODULES),
 ) -> None:
-    """Print DenseLoRA vs LoRA trainable counts and shares for each rank."""
+    """Print DenseLoRA vs LoRA trainable counts and shares for each rank (its parameters are the CLI's flags).
+
+    Raises ValueError with a one-line message for an unknown architecture or a rank that is not positive.
+    """
     config = published_config(model)
     ranks = [int(value) for value in _as_list(r)]
+    if any(rank < 1 for rank in ranks):
+        raise ValueError(f"--r must list positive ranks, got {','.join(map(str, ranks))}")
     targets = _as_list(target_modules)
     rows = [
         (count_trainable(config, "denselora", rank, targets), count_trainable(config, "lora", rank, targets))
@@ -89,5 +93,7 @@ def main(
 
 
 if __name__ == "__main__":
+    from .cli import params, run_main
+
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecation notices, not ours
-    fire.Fire(main)
+    run_main(params)

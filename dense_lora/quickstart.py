@@ -17,12 +17,10 @@ learning shows at this scale.
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import fire
 import torch
 
 from . import evaluate, train
@@ -149,12 +147,16 @@ def main(
     print(f"total time {time.perf_counter() - started:.0f} s; adapter in {root / 'adapter'}")
 
 
-def cli() -> None:
+def cli(argv: list[str] | None = None) -> None:
+    """``python -m dense_lora.quickstart``: strict flags (dense_lora.cli), errors as one line and exit status 2."""
+    from .cli import QUICKSTART_HELP, fail, parse_or_exit, signature_flags
+
+    flags = signature_flags("quickstart", "main", QUICKSTART_HELP)
+    values = parse_or_exit(argv, flags, "python -m dense_lora.quickstart", __doc__ or "")
     try:
-        fire.Fire(main)
+        main(**values)
     except (train.TrainError, evaluate.EvaluationError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        fail(error)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ launch`` (FSDP2) all use the same code path.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -79,6 +80,11 @@ BOOKKEEPING_FIELDS = ("output_dir", "resume_from_checkpoint", "overwrite", "wand
 # The adapter's weights before the first optimiser step, kept so `python -m dense_lora.analysis` can measure
 # the increments training made (the paper's Figures 5-6) for any method.
 ADAPTER_INIT_DIR = "adapter_init"
+# Where the evaluators write this run's results by default (<output_dir>/eval): owned by the run, so
+# --overwrite removes it with the adapter it scored.
+EVAL_DIR = "eval"
+# Above this share of the base model an adapter is no longer parameter-efficient; the run says so.
+LARGE_ADAPTER_SHARE_PCT = 50.0
 
 
 class TrainError(Exception):
@@ -380,7 +386,15 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 
 def _run_artifacts(output_dir: Path) -> list[Path]:
     """Files and folders a run writes into its output folder (what --overwrite removes, nothing else)."""
-    names = (*ADAPTER_FILES, RUN_CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, "README.md", ADAPTER_INIT_DIR)
+    names = (
+        *ADAPTER_FILES,
+        RUN_CONFIG_FILE,
+        METRICS_FILE,
+        SUMMARY_FILE,
+        "README.md",
+        ADAPTER_INIT_DIR,
+        EVAL_DIR,
+    )
     return [output_dir / name for name in names if (output_dir / name).exists()] + [
         path for _, path in _checkpoints(output_dir)
     ]
@@ -423,21 +437,106 @@ def check_output_dir(config: TrainConfig) -> None:
 
 
 def resolve_resume(config: TrainConfig) -> str | None:
-    """Map --resume_from_checkpoint (a path, or True for the latest in output_dir) to a checkpoint folder."""
+    """Map --resume_from_checkpoint (a path, or True for the latest in output_dir) to a checkpoint folder.
+
+    Without the flag, a folder that already holds complete checkpoints of this configuration (check_output_dir
+    has compared run_config.json) is resumed from the newest, with a note on stderr: rerunning a killed
+    command must continue it, as the evaluators do, never restart from step 0 and rotate the progress away.
+    An explicit ``--resume_from_checkpoint False`` with such checkpoints present is refused for the same
+    reason; --overwrite starts again deliberately.
+    """
     value = config.resume_from_checkpoint
-    if value in (None, False, "", "false", "False"):
-        return None
+    explicit_no = value is False or str(value).lower() == "false"
+    if value in (None, "") or explicit_no:
+        found = None if config.overwrite else latest_checkpoint(config.output_dir)
+        if found is None:
+            return None
+        check_checkpoint(found)
+        if explicit_no:
+            raise TrainError(
+                f"--output_dir {config.output_dir} holds this run's checkpoints up to {found.name}; "
+                "drop --resume_from_checkpoint False to continue them, or pass --overwrite to start again"
+            )
+        if is_main_process():
+            print(
+                f"note: resuming from {found} (the newest complete checkpoint of this run); "
+                "pass --overwrite to start again",
+                file=sys.stderr,
+            )
+        return str(found)
     if value is True or str(value).lower() == "true":
         found = latest_checkpoint(config.output_dir)
         if found is None:
             raise TrainError(f"--resume_from_checkpoint: no complete checkpoint in {config.output_dir}")
+        check_checkpoint(found)
         return str(found)
     path = Path(str(value)).expanduser()
     if not (path / TRAINER_STATE_FILE).is_file():
         raise TrainError(
             f"--resume_from_checkpoint {path} is not a complete checkpoint (no {TRAINER_STATE_FILE})"
         )
+    check_checkpoint(path)
     return str(path)
+
+
+def check_checkpoint(path: Path) -> int:
+    """The step of a checkpoint whose state and adapter files are readable; a damaged one is one line.
+
+    Trainer would otherwise fail with a traceback deep inside ``train()``, after the model has loaded.
+    """
+    from .evaluate import EvaluationError, check_safetensors
+
+    state_file = path / TRAINER_STATE_FILE
+    try:
+        step = json.loads(state_file.read_text()).get("global_step")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        step = None
+    if not _is_int(step):
+        raise TrainError(
+            f"{state_file} is damaged (not the JSON state Trainer writes); delete {path} to resume from an "
+            "earlier checkpoint, or pass --overwrite to start again"
+        )
+    weights = path / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise TrainError(f"checkpoint {path} has no adapter_model.safetensors; delete it or pass --overwrite")
+    try:
+        check_safetensors(weights)
+    except EvaluationError as error:
+        raise TrainError(f"checkpoint {path}: {error}") from None
+    return step
+
+
+def check_resume_fits(model: PeftModel, resume: str) -> None:
+    """The checkpoint's adapter has exactly this run's tensors and shapes (another --lora_r, method or targets
+    would otherwise fail inside Trainer with a traceback, or load only partly)."""
+    from peft import get_peft_model_state_dict
+
+    from .evaluate import check_safetensors
+
+    saved = check_safetensors(Path(resume) / "adapter_model.safetensors")
+    expected = {key: tuple(value.shape) for key, value in get_peft_model_state_dict(model).items()}
+    differing = sorted(key for key in set(saved) | set(expected) if saved.get(key) != expected.get(key))
+    if differing:
+        key = differing[0]
+        raise TrainError(
+            f"--resume_from_checkpoint {resume} was saved by another adapter configuration ('{key}' is "
+            f"{saved.get(key, 'absent')} there, {expected.get(key, 'absent')} here); resume it with the settings "
+            "it was trained with, or start again"
+        )
+
+
+def adapter_sha256(output_dir: Path) -> str | None:
+    """sha256 of the final adapter's weights: the evaluators record the same hash with every result."""
+    import hashlib
+
+    weights = output_dir / "adapter_model.safetensors"
+    if not weights.is_file():
+        return None
+    digest = hashlib.sha256()
+    with weights.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
@@ -700,6 +799,11 @@ def versions() -> dict[str, str]:
     }
 
 
+def state_step(trainer: Trainer) -> int:
+    """The optimizer step the Trainer has reached (0 before training began)."""
+    return int(getattr(trainer.state, "global_step", 0) or 0)
+
+
 def _clear_previous_run(output_dir: Path) -> None:
     for path in _run_artifacts(output_dir):
         shutil.rmtree(path) if path.is_dir() else path.unlink()
@@ -719,6 +823,8 @@ def run(config: TrainConfig) -> dict[str, Any]:
     """
     processes = world_size()
     accumulation = gradient_accumulation_steps(config, processes)
+    if config.fp16 and not torch.cuda.is_available():
+        raise TrainError("--fp16 needs a CUDA GPU (float16 mixed precision does not run on CPU); use --bf16")
     check_output_dir(config)
     resume = resolve_resume(config)
     if config.wandb_project:
@@ -744,6 +850,15 @@ def run(config: TrainConfig) -> dict[str, Any]:
     packed = config.packing and packing_note is None
     if packed:  # a packed row has no padding (and no attention mask to count it by): every token is real
         args.include_num_input_tokens_seen = "all"
+    if resume is not None:
+        check_resume_fits(model, resume)
+    if counts["trainable_share_pct"] > LARGE_ADAPTER_SHARE_PCT and is_main_process():
+        print(
+            f"warning: the adapter trains {counts['trainable_params']:,} parameters, "
+            f"{counts['trainable_share_pct']:.0f}% of the base model's {counts['base_params']:,}: --lora_r "
+            f"{config.lora_r} is not parameter-efficient",
+            file=sys.stderr,
+        )
 
     output_dir = Path(config.output_dir).expanduser()
     metrics = MetricsLog(output_dir / METRICS_FILE)
@@ -756,6 +871,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
         data_collator=collator,
         callbacks=[metrics, stopper],
     )
+    new_folder = not (output_dir / RUN_CONFIG_FILE).is_file() or config.overwrite
     if trainer.is_world_process_zero():
         if config.overwrite:
             _clear_previous_run(output_dir)
@@ -771,7 +887,24 @@ def run(config: TrainConfig) -> dict[str, Any]:
         tokens_before = json.loads((Path(resume) / TRAINER_STATE_FILE).read_text()).get(
             "num_input_tokens_seen", 0
         )
-    result = trainer.train(resume_from_checkpoint=resume)
+    try:
+        result = trainer.train(resume_from_checkpoint=resume)
+    except Exception as error:
+        if (
+            resume is None
+            or isinstance(error, torch.OutOfMemoryError)
+            or state_step(trainer) > check_checkpoint(Path(resume))
+        ):
+            raise  # not a resume problem (a step ran, or memory): a real failure keeps its traceback
+        if new_folder and trainer.is_world_process_zero() and not _checkpoints(output_dir):
+            _clear_previous_run(output_dir)  # leave no run_config.json that would block the folder
+            with contextlib.suppress(OSError):
+                output_dir.rmdir()
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise TrainError(
+            f"cannot resume from {resume}: {type(error).__name__}: {first[:200]} (the checkpoint is damaged "
+            "or from another run; resume from another checkpoint or pass --overwrite)"
+        ) from None
     wall = time.perf_counter() - started
     state = trainer.state
     interrupted = stopper.stopped and state.global_step < state.max_steps
@@ -793,6 +926,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
         "train_loss": result.training_loss,
         "best_eval_loss": _best_eval_loss(state.log_history),
         "best_checkpoint": state.best_model_checkpoint,
+        "adapter_sha256": None if interrupted else adapter_sha256(output_dir),
         "resumed_from": resume,
         "tokens_seen": state.num_input_tokens_seen,
         "wall_time_s": wall,

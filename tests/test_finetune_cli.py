@@ -79,12 +79,11 @@ BAD_INPUTS: dict[str, tuple[dict[str, Any], str]] = {
 }
 
 
-# Imports finetune.py once, then forks one child per case that runs the CLI entry point (fire + main) on that case's
+# Imports finetune.py once, then forks one child per case that runs the CLI entry point (main) on that case's
 # argv with stderr sent to a file, and exits with the CLI's status. Each case is still its own process with its own
 # exit status; the fork only saves re-importing torch/transformers/peft eleven times (~6 s each on 2 cores).
 FORKING_DRIVER = """
 import json, os, runpy, sys
-import fire
 import dense_lora.train  # what main() imports lazily: load it once, before forking
 cli = runpy.run_path(sys.argv[1], run_name="finetune_cli")
 children = {}
@@ -93,8 +92,7 @@ for name, (argv, stderr_path) in json.loads(sys.argv[2]).items():
     if pid == 0:
         os.dup2(os.open(stderr_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 2)
         try:
-            fire.Fire(cli["main"], command=argv)
-            status = 0
+            status = cli["main"](argv)
         except SystemExit as stop:
             status = stop.code if isinstance(stop.code, int) else 1
         except BaseException:
