@@ -69,7 +69,9 @@ def heldout_losses(base_model: str, adapter: str | None, limit: int) -> dict[str
     model.eval()
     tokenizer = load_tokenizer(base_model, padding_side="left")
     return {
-        name: answer_loss(model, tokenizer, load_records(f"dataset/{name}/test.json")[:limit], cutoff_len=256).mean
+        name: answer_loss(
+            model, tokenizer, load_records(f"dataset/{name}/test.json")[:limit], cutoff_len=256
+        ).mean
         for name in DATASETS
     }
 
