@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import hashlib
 import io
 import json
 import math
@@ -316,6 +317,27 @@ def run_facts(
     return dataclasses.replace(facts, target_modules=targets) if targets else facts
 
 
+def _adapter_hash(run_dir: Path, summary: dict[str, Any]) -> str | None:
+    """sha256 of the adapter the run folder holds (summary.json's, else hashed from the weights file)."""
+    if summary.get("adapter_sha256"):
+        return str(summary["adapter_sha256"])
+    weights = run_dir / "adapter_model.safetensors"
+    if not weights.is_file():
+        return None
+    digest = hashlib.sha256()
+    with weights.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _scored_hash(result: dict[str, Any]) -> str | None:
+    """sha256 of the adapter an evaluation result was computed with, where the evaluator recorded it."""
+    adapter = result.get("adapter")
+    nested = adapter.get("sha256") if isinstance(adapter, dict) else None
+    return result.get("adapter_sha256") or nested
+
+
 def load_run(run_dir: Path) -> Run:
     """Read one run folder; raises ReportError when it holds no evaluation results."""
     if not run_dir.is_dir():
@@ -346,11 +368,18 @@ def load_run(run_dir: Path) -> Run:
         facts=facts,
         trained_on=_training_family(flags.get("data_path")),
     )
+    held = _adapter_hash(run_dir, summary)
     for dataset in ACCEPTED["commonsense"] + ACCEPTED["math"]:
         result = _read_json(results_dir / f"{dataset}.json")
         if result:
             if "accuracy" not in result:
                 raise ReportError(f"{results_dir / f'{dataset}.json'}: no 'accuracy' field")
+            scored = _scored_hash(result)
+            if held and scored and held != scored:
+                raise ReportError(
+                    f"{results_dir / f'{dataset}.json'}: scored adapter {scored[:12]}, but {run_dir} holds "
+                    f"{held[:12]}; rerun the evaluation"
+                )
             run.accuracy[dataset] = 100.0 * float(result["accuracy"])
     run.curves = read_curves(run_dir / METRICS_FILE)
     if not run.accuracy and run.curves is None:

@@ -73,3 +73,19 @@ def test_share_counted_without_summary(tmp_path, smollm2_dir):
 def test_run_without_results_is_an_error(tmp_path, capsys):
     assert main([str(tmp_path)]) == 2
     assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_results_of_another_adapter_are_refused(tmp_path, capsys):
+    """After --overwrite retrains a folder, results scored with the old adapter must not be reported as its own."""
+    run = tmp_path / "run"
+    (run / "eval").mkdir(parents=True)
+    (run / "summary.json").write_text(json.dumps({"adapter_sha256": "a" * 64, "trainable_share_pct": 0.1}))
+    _results(run / "eval", {"boolq": 0.5})
+    scored = json.loads((run / "eval" / "boolq.json").read_text())
+    (run / "eval" / "boolq.json").write_text(json.dumps({**scored, "adapter_sha256": "a" * 64}))
+    assert load_run(run).accuracy == {"boolq": 50.0}  # the same adapter: reported
+    (run / "eval" / "boolq.json").write_text(json.dumps({**scored, "adapter": {"sha256": "b" * 64}}))
+    assert main([str(run), "--out", str(tmp_path / "report")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "scored adapter bbbbbbbbbbbb" in err and "aaaaaaaaaaaa" in err
+    assert not (tmp_path / "report.md").exists() and not (tmp_path / "report").exists()
