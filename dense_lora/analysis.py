@@ -264,8 +264,13 @@ def analyse(run_dirs: list[Path], out: Path, module: str, layer: int | None, see
         writer = csv.DictWriter(handle, fieldnames=list(table[0]) if table else ["run"])
         writer.writeheader()
         writer.writerows(table)
+    command = " ".join(
+        ["python -m dense_lora.analysis", *map(str, run_dirs), "--out", str(out), "--module", module]
+    )
     text = _markdown(table)
-    (out / "increments.md").write_text(text + "\n")
+    (out / "increments.md").write_text(
+        f"# Increments of training (ΔM, ΔW_e, ΔW_d; ΔA, ΔB)\n\nReproduce: `{command}`\n\n{text}\n"
+    )
     if panels:
         draw_heatmaps(panels, out / "increments_heatmaps.png")
     return text
