@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from dense_lora.cli import StrictArgumentParser
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
@@ -41,9 +43,7 @@ def load_revision(revision: str):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = StrictArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--old", default="4270540", help="git revision of the version to compare with")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--tokens", type=int, default=256)

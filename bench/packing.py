@@ -27,6 +27,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from dense_lora.cli import StrictArgumentParser
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run as `python bench/packing.py` from anywhere
     sys.path.insert(0, str(REPO_ROOT))
@@ -88,9 +90,7 @@ def one_run(data: Path, output_dir: Path, packing: bool, args: argparse.Namespac
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = StrictArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--method", default="denselora", choices=("denselora", "lora", "dora"))
     parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))

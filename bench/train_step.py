@@ -46,6 +46,7 @@ from torch import nn
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 import dense_lora  # noqa: E402  (registers the DENSELORA peft type; `pip install -e .` makes it importable)
+from dense_lora.cli import StrictArgumentParser  # noqa: E402
 from dense_lora.layer import reference_implementation  # noqa: E402
 
 METHODS = ("denselora", "denselora-reference", "lora", "dora", "frozen")
@@ -790,7 +791,7 @@ def append_results(path: Path, report: dict[str, Any]) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = StrictArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=MODELS, default="tiny")
     parser.add_argument("--r", type=int, default=32)
     parser.add_argument("--lora_alpha", type=float, default=None, help="default 2·r (the paper's setting)")

@@ -24,7 +24,6 @@ rebuilt from their recorded config and seed (this loads the base model).
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import re
@@ -35,6 +34,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+
+from .cli import StrictArgumentParser
 
 INIT_FOLDER = "adapter_init"
 NEAR_ZERO_FRACTION = 0.1  # of the matrix's largest |Δ|
@@ -277,9 +278,7 @@ def analyse(run_dirs: list[Path], out: Path, module: str, layer: int | None, see
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m dense_lora.analysis", description=__doc__.splitlines()[0]
-    )
+    parser = StrictArgumentParser(prog="python -m dense_lora.analysis", description=__doc__.splitlines()[0])
     parser.add_argument(
         "run_dirs", nargs="+", type=Path, help="training output folders (adapter + adapter_init/)"
     )

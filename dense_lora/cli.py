@@ -23,6 +23,7 @@ meaning the same list.
 
 from __future__ import annotations
 
+import argparse
 import ast
 import difflib
 import json
@@ -545,3 +546,20 @@ def report_script(argv: Sequence[str] | None = None) -> int:
 def run_main(entry: Callable[[Sequence[str] | None], int]) -> NoReturn:
     """``sys.exit`` with an entry point's status (what the top-level scripts and ``-m`` modules call)."""
     sys.exit(entry(None))
+
+
+class StrictArgumentParser(argparse.ArgumentParser):
+    """argparse for the module CLIs (report, study, analysis, bench): no abbreviated flags (``--ou`` is not
+    ``--out``), and an error is the one ``error:`` line with exit status 2 that every CLI of this project gives."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        known = [option for action in self._actions for option in action.option_strings]
+        unknown = [word for word in message.split() if word.startswith("--")]
+        close = difflib.get_close_matches(unknown[0].split("=")[0], known, n=1) if unknown else []
+        hint = f"; did you mean {close[0]}?" if close else ""
+        print(f"error: {self.prog}: {message}{hint}", file=sys.stderr)
+        sys.exit(2)

@@ -27,7 +27,6 @@ parameter count, built on the meta device from the adapter's ``base_model_name_o
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import hashlib
@@ -40,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dense_lora.cli import StrictArgumentParser
 from dense_lora.evaluate import ACCEPTED, BENCHMARKS
 from dense_lora.paper import (
     CITATION,
@@ -700,7 +700,7 @@ def plot(runs: list[Run], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dense_lora.report", description=__doc__.splitlines()[0])
+    parser = StrictArgumentParser(prog="python -m dense_lora.report", description=__doc__.splitlines()[0])
     parser.add_argument(
         "run_dirs",
         nargs="+",

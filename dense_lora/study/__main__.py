@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import json
 import os
@@ -12,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..cli import StrictArgumentParser
 from .plan import METHODS, METHODS_BY_KEY, PROFILES
 from .runner import Study, StudyError, planned_runs, run_study
 
@@ -63,7 +63,7 @@ def _cpuinfo() -> list[str]:
 
 
 def parse(argv: list[str] | None) -> tuple[Study, Path, bool]:
-    parser = argparse.ArgumentParser(prog="python -m dense_lora.study", description=__doc__.splitlines()[0])
+    parser = StrictArgumentParser(prog="python -m dense_lora.study", description=__doc__.splitlines()[0])
     parser.add_argument(
         "--model", default="smollm2", help="base model: alias (smollm2, llama3-8b), hub id or folder"
     )
