@@ -177,7 +177,9 @@ def test_trainer_runs_packed_and_padded_give_the_same_losses_and_adapter(
         want = [entry[key] for entry in logs[False] if key in entry]
         assert len(got) == len(want) > 0
         assert got == pytest.approx(want, rel=1e-5)
-    assert_same_adapter(adapter(tmp_path / "True"), adapter(tmp_path / "False"), atol=2e-6)
+    # Adam divides by the root of the squared gradients, so float32 summation-order differences between a packed
+    # and a padded batch reach the weights at ~1e-6 after a few steps; a wrong mask or loss would be ~1e-3.
+    assert_same_adapter(adapter(tmp_path / "True"), adapter(tmp_path / "False"), atol=1e-5)
     assert summaries[True]["tokens_seen"] == summaries[False]["tokens_seen"]  # real tokens, both ways
 
 

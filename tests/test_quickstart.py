@@ -50,8 +50,8 @@ def test_quickstart_prints_baselines_and_a_falling_answer_loss(arc_present, tmp_
     assert set(rows) == set(quickstart.DATASETS)
     for name, cells in rows.items():
         values = [float(cell) for cell in cells]
-        assert values[0] == 4 and values[1] == pytest.approx(
-            quickstart.reference_baselines(4)[name][0], abs=1e-3
+        assert values[0] == 3 and values[1] == pytest.approx(
+            quickstart.reference_baselines(3)[name][0], abs=1e-3
         )
         loss_before, loss_after = values[-2], values[-1]
         assert math.isfinite(loss_before) and loss_after < loss_before, (name, loss_before, loss_after)
