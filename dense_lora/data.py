@@ -39,6 +39,7 @@ can merge with the first output token, in which case one output token is masked 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -414,3 +415,12 @@ def subset(records: Sequence[Any], fraction: float, seed: int = 42) -> list[Any]
     count = max(1, round(fraction * len(records)))
     chosen = np.random.default_rng(seed).permutation(len(records))[:count]
     return [records[i] for i in sorted(chosen)]
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in 1 MiB blocks: identifies a test file or an adapter's weights in results."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

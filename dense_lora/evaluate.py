@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import hashlib
 import inspect
 import json
 import math
@@ -47,6 +46,7 @@ from dense_lora.data import (
     DataError,
     benchmark_test_file,
     canonical_dataset_name,
+    file_sha256,
     generate_eval_prompt,
     load_test_records,
 )
@@ -138,14 +138,6 @@ def select_datasets(kind: Kind, dataset: str | Sequence[str]) -> list[str]:
     return selected
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def adapter_info(lora_weights: str | None) -> dict[str, Any] | None:
     """Path, peft type and weight hash of an adapter folder; None for the bare base model.
 
@@ -177,7 +169,7 @@ def adapter_info(lora_weights: str | None) -> dict[str, Any] | None:
         "r": config.get("r"),
         "use_dora": bool(config.get("use_dora", False)),
         "base_model_name_or_path": config.get("base_model_name_or_path"),
-        "sha256": _sha256(weights),
+        "sha256": file_sha256(weights),
     }
 
 
@@ -721,7 +713,7 @@ def run(
             base_model=str(base_model),
             lora_weights=None if adapter is None else adapter["path"],
             adapter_sha256=None if adapter is None else adapter["sha256"],
-            test_file_sha256=_sha256(file),
+            test_file_sha256=file_sha256(file),
             dtype=str(dtype),
             load_8bit=bool(load_8bit),
             load_4bit=bool(load_4bit),

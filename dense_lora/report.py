@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import hashlib
 import io
 import json
 import math
@@ -40,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from dense_lora.cli import StrictArgumentParser
+from dense_lora.data import file_sha256
 from dense_lora.evaluate import ACCEPTED, BENCHMARKS
 from dense_lora.paper import (
     CITATION,
@@ -322,13 +322,7 @@ def _adapter_hash(run_dir: Path, summary: dict[str, Any]) -> str | None:
     if summary.get("adapter_sha256"):
         return str(summary["adapter_sha256"])
     weights = run_dir / "adapter_model.safetensors"
-    if not weights.is_file():
-        return None
-    digest = hashlib.sha256()
-    with weights.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_sha256(weights) if weights.is_file() else None
 
 
 def _scored_hash(result: dict[str, Any]) -> str | None:

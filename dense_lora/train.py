@@ -54,6 +54,7 @@ from . import DEFAULT_TARGET_MODULES, DenseLoraConfig, __version__
 from .data import (
     DataError,
     check_trainable,
+    file_sha256,
     load_records,
     make_collator,
     subset,
@@ -527,16 +528,8 @@ def check_resume_fits(model: PeftModel, resume: str) -> None:
 
 def adapter_sha256(output_dir: Path) -> str | None:
     """sha256 of the final adapter's weights: the evaluators record the same hash with every result."""
-    import hashlib
-
     weights = output_dir / "adapter_model.safetensors"
-    if not weights.is_file():
-        return None
-    digest = hashlib.sha256()
-    with weights.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_sha256(weights) if weights.is_file() else None
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
