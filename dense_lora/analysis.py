@@ -35,6 +35,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from dense_lora.runtime import DenseLoRAError
+
 from .cli import StrictArgumentParser
 
 INIT_FOLDER = "adapter_init"
@@ -50,7 +52,7 @@ _KINDS = (
 )
 
 
-class AnalysisError(Exception):
+class AnalysisError(DenseLoRAError):
     """A run folder that cannot be analysed; the message is one line."""
 
 

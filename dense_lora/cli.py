@@ -67,7 +67,11 @@ NONE_WORDS = ("none", "null")
 
 
 class UsageError(Exception):
-    """A command line that cannot be run as given; printed as one ``error:`` line, exit status 2."""
+    """A command line that cannot be run as given; printed as one ``error:`` line, exit status 2.
+
+    The CLIs load this module by path to check their flags before torch is imported, so it cannot import
+    the package (and its runtime.DenseLoRAError); it is the one error type of the parsing stage.
+    """
 
     def __init__(self, message: object) -> None:
         super().__init__(" ".join(str(message).split()))
@@ -468,11 +472,12 @@ def finetune(argv: Sequence[str] | None = None, prog: str = "finetune.py") -> in
     """Run one fine-tuning job from a command line; returns the exit status."""
     flags = parse_or_exit(argv, train_flags(), prog, FINETUNE_DESCRIPTION)
     quiet_optional_kernel_warning()
-    from dense_lora.train import INTERRUPTED_EXIT_CODE, TrainError, config_from_flags, run
+    from dense_lora.runtime import DenseLoRAError
+    from dense_lora.train import INTERRUPTED_EXIT_CODE, config_from_flags, run
 
     try:
         summary = run(config_from_flags(flags))
-    except TrainError as error:
+    except DenseLoRAError as error:
         fail(error)
     return INTERRUPTED_EXIT_CODE if summary["status"] == "interrupted" else 0
 
@@ -488,12 +493,12 @@ def evaluate(kind: str, argv: Sequence[str] | None = None, prog: str | None = No
     )
     flags = parse_or_exit(argv, eval_flags(), prog, description)
     quiet_optional_kernel_warning()
-    from dense_lora.data import DataError
-    from dense_lora.evaluate import EvaluationError, run
+    from dense_lora.evaluate import run
+    from dense_lora.runtime import DenseLoRAError
 
     try:
         run(kind, **flags)  # type: ignore[arg-type]
-    except (EvaluationError, DataError, FileNotFoundError, ValueError) as error:
+    except (DenseLoRAError, FileNotFoundError, ValueError) as error:
         fail(error)
     return 0
 

@@ -39,7 +39,6 @@ can merge with the first output token, in which case one output token is masked 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -47,6 +46,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from dense_lora.runtime import DenseLoRAError
 
 if TYPE_CHECKING:
     from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase
@@ -81,7 +82,7 @@ _HEADER_WITH_INPUT = (
 _HEADER_WITHOUT_INPUT = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 
 
-class DataError(ValueError):
+class DataError(DenseLoRAError, ValueError):
     """A data file or tokenized set that cannot be used as given; the message is one line."""
 
 
@@ -415,12 +416,3 @@ def subset(records: Sequence[Any], fraction: float, seed: int = 42) -> list[Any]
     count = max(1, round(fraction * len(records)))
     chosen = np.random.default_rng(seed).permutation(len(records))[:count]
     return [records[i] for i in sorted(chosen)]
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file, read in 1 MiB blocks: identifies a test file or an adapter's weights in results."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -46,11 +46,11 @@ from dense_lora.data import (
     DataError,
     benchmark_test_file,
     canonical_dataset_name,
-    file_sha256,
     generate_eval_prompt,
     load_test_records,
 )
 from dense_lora.generation import first_match_is_final, generate_planned, marker_is_final, plan_batches
+from dense_lora.runtime import DenseLoRAError, file_sha256
 
 Kind = Literal["commonsense", "math"]
 
@@ -84,7 +84,7 @@ PICKLE_REFUSAL = (
 )
 
 
-class EvaluationError(Exception):
+class EvaluationError(DenseLoRAError):
     """Bad input to the evaluation (flags, output folder, adapter, records); the message is one line."""
 
 

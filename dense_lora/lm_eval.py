@@ -31,11 +31,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from dense_lora.runtime import DenseLoRAError
+
 PROG = "python -m dense_lora.lm_eval"
 INSTALL_HINT = 'pip install "lm-eval>=0.4,<0.5"'
 
 
-class LmEvalError(Exception):
+class LmEvalError(DenseLoRAError):
     """Bad input found before lm-eval runs; the message is one line."""
 
 

@@ -39,7 +39,6 @@ from pathlib import Path
 from typing import Any
 
 from dense_lora.cli import StrictArgumentParser
-from dense_lora.data import file_sha256
 from dense_lora.evaluate import ACCEPTED, BENCHMARKS
 from dense_lora.paper import (
     CITATION,
@@ -50,6 +49,7 @@ from dense_lora.paper import (
     published_row,
     variant,
 )
+from dense_lora.runtime import DenseLoRAError, file_sha256
 
 SHORT_NAMES = {
     "boolq": "BoolQ",
@@ -68,7 +68,7 @@ ADAPTER_CONFIG_FILE = "adapter_config.json"
 METRICS_FILE = "metrics.jsonl"
 
 
-class ReportError(Exception):
+class ReportError(DenseLoRAError):
     """A run folder that cannot be reported; the message is one line."""
 
 

@@ -50,11 +50,12 @@ from transformers import (
     set_seed,
 )
 
+from dense_lora.runtime import DenseLoRAError, file_sha256
+
 from . import DEFAULT_TARGET_MODULES, DenseLoraConfig, __version__
 from .data import (
     DataError,
     check_trainable,
-    file_sha256,
     load_records,
     make_collator,
     subset,
@@ -88,12 +89,8 @@ EVAL_DIR = "eval"
 LARGE_ADAPTER_SHARE_PCT = 50.0
 
 
-class TrainError(Exception):
+class TrainError(DenseLoRAError):
     """An input or setup problem the user can fix; the CLI prints it as one line and exits with status 2."""
-
-    def __init__(self, message: object) -> None:
-        # Errors from peft/transformers may span lines; the CLI contract is one line.
-        super().__init__(" ".join(str(message).split()))
 
 
 @dataclass

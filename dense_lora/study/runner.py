@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ..data import load_records, load_test_records
+from ..runtime import DenseLoRAError, write_json_atomic
 from .data import build_heldout, build_training, slices_as_dicts, training_sources
 from .plan import METHODS, Method, Profile, Run, main_runs, select_learning_rates, sweep_runs
 
@@ -35,7 +36,7 @@ EVALUATORS = {"commonsense": "commonsense_evaluate.py", "math": "math_evaluate.p
 BASE = "base"  # the folder of the base model's evaluation
 
 
-class StudyError(Exception):
+class StudyError(DenseLoRAError):
     """A study that cannot run as asked; the message is one line."""
 
 
@@ -105,9 +106,7 @@ def _execute(study: Study, command: Sequence[str], env: dict[str, str], what: st
 
 def _write_json(path: Path, payload: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    tmp.replace(path)
+    write_json_atomic(path, payload)
 
 
 def _read_json(path: Path) -> Any:
