@@ -6,7 +6,7 @@
 #   bash scripts/study.sh MODEL DEVICES [PROFILE] [flags for python -m dense_lora.study]
 #   bash scripts/study.sh smollm2 cpu cpu            # what scripts/study_cpu.sh runs: about two hours on 2 cores
 #   bash scripts/study.sh llama3-8b 0,1,2,3 paper    # paper scale: full training files and test sets
-# PROFILE: cpu (default), paper or smoke (dense_lora/study/plan.py). DRY_RUN=1 prints every command, runs nothing.
+# PROFILE: cpu (default), cpu-lr (its learning-rate check), cpu-long, paper or smoke (dense_lora/study/plan.py). DRY_RUN=1 prints every command, runs nothing.
 # Run folders go to runs/study-MODEL-PROFILE; tables, plots and REPORT.md to results/study-MODEL-PROFILE.
 source "$(dirname "$0")/_common.sh"
 need_args 2 "MODEL DEVICES [PROFILE] [flags]" "$@"

@@ -44,6 +44,20 @@ def test_learning_rate_is_chosen_on_validation_loss_per_family():
     assert runs and all(run.method.lr_group != "lora" for run in runs)
 
 
+def test_learning_rate_check_trains_the_cpu_study_runs_at_more_rates():
+    """cpu-lr differs from cpu only in its sweep and seeds, so its 2e-3 runs are the cpu study's seed-42 runs."""
+    cpu, check = PROFILES["cpu"], PROFILES["cpu-lr"]
+    differing = {name for name in cpu.__dataclass_fields__ if getattr(cpu, name) != getattr(check, name)}
+    assert differing == {"name", "seeds", "sweep", "fixed_lr"}  # the swept families leave fixed_lr
+    assert check.seeds == (42,) and all(cpu.fixed_lr[group] in grid for group, grid in check.sweep.items())
+    sweep = sweep_runs(check, [METHODS_BY_KEY["denselora-r32"], METHODS_BY_KEY["lora-r2"]])
+    assert len(sweep) == 6
+    run = Run("commonsense", METHODS_BY_KEY["lora-r2"], cpu.fixed_lr["lora"], 42)
+    assert run.finetune_flags(cpu, "smollm2", "t.json", "o") == run.finetune_flags(
+        check, "smollm2", "t.json", "o"
+    )
+
+
 def test_headline_methods_get_every_seed_and_math_only_the_headline():
     profile = PROFILES["cpu-long"]
     runs = main_runs(profile, {"denselora": 1e-3, "lora": 1e-3, "vera": 1e-2}, ["commonsense", "math"])
