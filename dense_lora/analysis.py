@@ -24,7 +24,6 @@ rebuilt from their recorded config and seed (this loads the base model).
 
 from __future__ import annotations
 
-import csv
 import json
 import re
 import sys
@@ -35,7 +34,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from dense_lora.runtime import DenseLoRAError
+from dense_lora.runtime import DenseLoRAError, write_csv_atomic, write_figure_atomic, write_text_atomic
 
 from .cli import StrictArgumentParser
 
@@ -223,7 +222,7 @@ def draw_heatmaps(panels: list[tuple[str, torch.Tensor]], path: Path) -> None:
         axis.set_yticks([])
         figure.colorbar(image, ax=axis, fraction=0.046, pad=0.04)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    write_figure_atomic(figure, path)
     plt.close(figure)
 
 
@@ -263,16 +262,15 @@ def analyse(run_dirs: list[Path], out: Path, module: str, layer: int | None, see
         for kind, matrix in heatmap_slices(deltas, module, chosen_layer, size, seed).items():
             panels.append((f"{run_dir.name}: Δ{kind} ({module}, layer {chosen_layer})", matrix))
     table = summarise(rows)
-    with (out / "increments.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(table[0]) if table else ["run"])
-        writer.writeheader()
-        writer.writerows(table)
+    header = list(table[0]) if table else ["run"]
+    write_csv_atomic(out / "increments.csv", header, [[row[name] for name in header] for row in table])
     command = " ".join(
         ["python -m dense_lora.analysis", *map(str, run_dirs), "--out", str(out), "--module", module]
     )
     text = _markdown(table)
-    (out / "increments.md").write_text(
-        f"# Increments of training (ΔM, ΔW_e, ΔW_d; ΔA, ΔB)\n\nReproduce: `{command}`\n\n{text}\n"
+    write_text_atomic(
+        out / "increments.md",
+        f"# Increments of training (ΔM, ΔW_e, ΔW_d; ΔA, ΔB)\n\nReproduce: `{command}`\n\n{text}\n",
     )
     if panels:
         draw_heatmaps(panels, out / "increments_heatmaps.png")

@@ -27,6 +27,7 @@ from . import evaluate, train
 from .data import load_records
 from .heldout import answer_loss
 from .models import load_base_model, load_tokenizer, smollm2_path
+from .runtime import write_text_atomic
 from .study.data import baselines
 
 DATASETS = ("ARC-Easy", "ARC-Challenge")
@@ -38,7 +39,7 @@ def write_training_subset(path: Path, per_dataset: int) -> int:
         record for name in DATASETS for record in load_records(f"dataset/{name}/train.json")[:per_dataset]
     ]
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(records))
+    write_text_atomic(path, json.dumps(records))
     return len(records)
 
 

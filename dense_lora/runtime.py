@@ -8,11 +8,13 @@ to check their arguments, which must take a fraction of a second.
 from __future__ import annotations
 
 import contextlib
+import csv
 import hashlib
+import io
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -59,6 +61,22 @@ def write_json_atomic(path: Path, payload: Any, *, sort_keys: bool = False) -> N
 def write_jsonl_atomic(path: Path, rows: Any) -> None:
     """One JSON object per line, written atomically."""
     write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
+
+
+def write_csv_atomic(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    """A header line and one line per row, written atomically."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(header)
+    writer.writerows(rows)
+    write_text_atomic(path, buffer.getvalue())
+
+
+def write_figure_atomic(figure: Any, path: Path, dpi: int = 120) -> None:
+    """Save a matplotlib figure as PNG atomically (a killed report leaves the previous plot, not half of one)."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi)
+    write_bytes_atomic(path, buffer.getvalue())
 
 
 def file_sha256(path: Path) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
 import platform
 import sys
@@ -12,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..cli import StrictArgumentParser
+from ..runtime import versions, write_json_atomic, write_text_atomic
 from .plan import METHODS, METHODS_BY_KEY, PROFILES
 from .runner import Study, StudyError, planned_runs, run_study
 
@@ -20,12 +20,7 @@ FAMILIES = ("commonsense", "math")
 
 def environment(study: Study, seconds: float) -> dict[str, Any]:
     """Machine, versions and the wall time of this invocation, for the results' provenance."""
-    import accelerate
-    import peft
     import torch
-    import transformers
-
-    from .. import __version__
 
     cpu = next(
         (line.split(":", 1)[1].strip() for line in _cpuinfo() if line.startswith("model name")),
@@ -44,14 +39,7 @@ def environment(study: Study, seconds: float) -> dict[str, Any]:
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "platform": platform.platform(),
         },
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "peft": peft.__version__,
-            "accelerate": accelerate.__version__,
-            "dense_lora": __version__,
-        },
+        "versions": versions(),
     }
 
 
@@ -142,8 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         analyse(analysed, results_dir / "analysis", module="q_proj", layer=None, seed=0)
         log = study.runs_dir / "commands.log"
         if log.is_file():
-            (results_dir / "commands.log").write_text(log.read_text())
-        (results_dir / "environment.json").write_text(json.dumps(env, indent=2) + "\n")
+            write_text_atomic(results_dir / "commands.log", log.read_text())
+        write_json_atomic(results_dir / "environment.json", env)
     except StudyError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

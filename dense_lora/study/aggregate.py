@@ -8,7 +8,6 @@ the paper's "Avg." column.
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import statistics
@@ -17,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..runtime import write_csv_atomic, write_figure_atomic, write_text_atomic
 from .plan import METHODS, METHODS_BY_KEY, Method, Run
 from .runner import BASE, Study
 
@@ -167,13 +167,6 @@ def _fmt(value: float | None, digits: int, scale: float = 1.0) -> str:
 def _markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
-
-
-def _write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(header)
-        writer.writerows(rows)
 
 
 def slice_names(manifest: dict[str, Any], family: str) -> list[str]:
@@ -416,7 +409,7 @@ def plot_frontier(
     axis.legend(fontsize=7)
     figure.tight_layout()
     if plotted:
-        figure.savefig(path, dpi=120)
+        write_figure_atomic(figure, path)
     plt.close(figure)
     return plotted
 
@@ -446,7 +439,7 @@ def write_results(study: Study, runs: Sequence[Run], out: Path, environment: dic
     ]
     for family in study.families:
         header, rows, csv_header, csv_rows = summary_table(results, manifest, family)
-        _write_csv(out / f"{family}.csv", csv_header, csv_rows)
+        write_csv_atomic(out / f"{family}.csv", csv_header, csv_rows)
         sections += [
             f"## {family.capitalize()}: held-out answer loss and accuracy",
             "",
@@ -458,7 +451,7 @@ def write_results(study: Study, runs: Sequence[Run], out: Path, environment: dic
             if plot_frontier(results, manifest, family, metric, out / name):
                 sections += [f"![{family} {metric}]({name})", ""]
     header, rows = runs_table(results, manifest)
-    _write_csv(out / "runs.csv", header, rows)
+    write_csv_atomic(out / "runs.csv", header, rows)
     lines = comparison_lines(results, manifest)
     if lines:
         sections += ["## Headline contrasts (commonsense)", "", *lines, ""]
@@ -471,7 +464,7 @@ def write_results(study: Study, runs: Sequence[Run], out: Path, environment: dic
             _markdown(header, rows),
             "",
         ]
-        _write_csv(out / "sweep.csv", header, rows)
+        write_csv_atomic(out / "sweep.csv", header, rows)
     slice_rows = [
         [
             item["family"],
@@ -494,5 +487,5 @@ def write_results(study: Study, runs: Sequence[Run], out: Path, environment: dic
     ]
     sections += ["## Environment", "", "```json", json.dumps(environment, indent=2), "```", ""]
     text = "\n".join(sections)
-    (out / "REPORT.md").write_text(text)
+    write_text_atomic(out / "REPORT.md", text)
     return text

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from ..data import COMMONSENSE_DATASETS, MATH_DATASETS, load_records, load_test_records, resolve_data_file
+from ..runtime import write_text_atomic
 
 COMMONSENSE_TRAIN_SETS = ("boolq", "ARC-Easy", "ARC-Challenge", "openbookqa")
 COMMONSENSE_170K = "ft-training_set/commonsense_170k.json"
@@ -56,9 +57,7 @@ def _seeded_order(count: int, seed: int) -> list[int]:
 
 def _write(path: Path, records: Sequence[Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(list(records), indent=1))
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(list(records), indent=1))
 
 
 def _split(records: list[dict], validation: int, train: int | None, seed: int) -> tuple[list, list]:
