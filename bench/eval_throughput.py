@@ -2,7 +2,7 @@
 
     python bench/eval_throughput.py --model smollm2 --datasets boolq,piqa --per_dataset 32 --batch_size 32
 
-(with the package installed: ``pip install -e .``; ``--help`` lists the flags).
+(runs from any working directory: it puts this checkout first on ``sys.path``; ``--help`` lists the flags).
 
 Three decodes of the same prompts (first `per_dataset` records of each test set), timed end to end:
 
@@ -28,15 +28,22 @@ from pathlib import Path
 
 import torch
 
-from dense_lora.answers import extract_answer
-from dense_lora.data import (
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))  # this checkout's dense_lora, from any working directory
+
+from dense_lora.answers import extract_answer  # noqa: E402
+from dense_lora.data import (  # noqa: E402
     benchmark_test_file,
     canonical_dataset_name,
     generate_eval_prompt,
     load_test_records,
 )
-from dense_lora.evaluate import EvalSettings, load_model, stop_rule
-from dense_lora.generation import generate_planned, generate_with_transformers, plan_batches
+from dense_lora.evaluate import EvalSettings, load_model, stop_rule  # noqa: E402
+from dense_lora.generation import (  # noqa: E402
+    generate_planned,
+    generate_with_transformers,
+    plan_batches,
+)
 
 
 def _timed(step: Callable[[], list[str]]) -> tuple[list[str], float]:

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from dense_lora.cli import StrictArgumentParser
-
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(REPO_ROOT))  # this checkout's dense_lora, from any working directory
+
+from dense_lora.cli import StrictArgumentParser  # noqa: E402
 
 
 def load_revision(revision: str):

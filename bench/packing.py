@@ -4,19 +4,23 @@ Runs ``dense_lora.train.run`` (what ``finetune.py`` runs: the HF Trainer, the re
 on the commonsense training mix (boolq, ARC-Easy, ARC-Challenge, openbookqa ``train.json``, seeded shuffle),
 alternating packed and padded runs in one process: A, B, A, B, ... with the starting side swapped each round, so
 load drift on a shared machine hits both alike. Both runs see the same records in the same order (same seed), so
-each step trains the same real tokens; the time of a step comes from the per-step log (``metrics.jsonl``:
-tokens and tokens/s since the previous log). The first step of each run (warm-up) is dropped.
+each step trains the same real tokens. A step's wall time comes from the per-step log (``metrics.jsonl``:
+tokens and tokens/s since the previous log), its CPU time (``time.process_time`` between the Trainer's step
+ends: data, forward, backward and optimizer) from a callback this script adds; on a shared machine the CPU
+figure is the one to trust (with ``--threads 1`` it is the step's own work, which other processes cannot
+stretch). The first step of each run (warm-up) is dropped.
 
     python bench/packing.py --rounds 2 --steps 6                # SmolLM2, bf16, cutoff 256, micro-batch 4
 
 Reported: per variant the median step time and the pooled useful tokens/s (real tokens / time, over every
-measured step), and packed ÷ padded. Appends a block to bench/RESULTS.md unless --no_results.
+measured step), by wall and by CPU time, and packed ÷ padded. Appends a block to bench/RESULTS.md unless --no_results.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import itertools
 import json
 import os
 import random
@@ -24,14 +28,15 @@ import shlex
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
-
-from dense_lora.cli import StrictArgumentParser
+from unittest import mock
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # run as `python bench/packing.py` from anywhere
-    sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(REPO_ROOT))  # this checkout's dense_lora, from any working directory
+
+from dense_lora.cli import StrictArgumentParser  # noqa: E402
 
 MIX = ("boolq", "ARC-Easy", "ARC-Challenge", "openbookqa")
 DEFAULT_RESULTS = REPO_ROOT / "bench" / "RESULTS.md"
@@ -64,7 +69,34 @@ def step_times(output_dir: Path) -> list[tuple[int, float]]:
     return out
 
 
-def one_run(data: Path, output_dir: Path, packing: bool, args: argparse.Namespace) -> list[tuple[int, float]]:
+def cpu_clocked_trainer(steps: list[tuple[int, float]]) -> type:
+    """dense_lora.train's Trainer with a callback that appends (tokens seen, process CPU seconds) at every step
+    end to ``steps``."""
+    from transformers import TrainerCallback
+
+    import dense_lora.train
+
+    class CpuClock(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            steps.append((state.num_input_tokens_seen, time.process_time()))
+
+    class Trainer(dense_lora.train.Trainer):
+        def __init__(self, *args: Any, callbacks: list | None = None, **kwargs: Any) -> None:
+            super().__init__(*args, callbacks=[*(callbacks or []), CpuClock()], **kwargs)
+
+    return Trainer
+
+
+def cpu_step_times(clock: list[tuple[int, float]]) -> list[tuple[int, float]]:
+    """(real tokens, CPU seconds) of each step after the first, from consecutive step ends."""
+    return [(t1 - t0, c1 - c0) for (t0, c0), (t1, c1) in itertools.pairwise(clock)]
+
+
+def one_run(
+    data: Path, output_dir: Path, packing: bool, args: argparse.Namespace
+) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+    """One fine-tuning run: (tokens, wall s) and (tokens, CPU s) of each step after the first."""
+    import dense_lora.train
     from dense_lora.train import TrainConfig, run
 
     config = TrainConfig(
@@ -84,9 +116,11 @@ def one_run(data: Path, output_dir: Path, packing: bool, args: argparse.Namespac
         packing=packing,
         overwrite=True,
     )
-    summary = run(config)
+    clock: list[tuple[int, float]] = []
+    with mock.patch.object(dense_lora.train, "Trainer", cpu_clocked_trainer(clock)):
+        summary = run(config)
     assert summary["packed"] is packing, "packing was switched off for this model"
-    return step_times(output_dir)
+    return step_times(output_dir), cpu_step_times(clock)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -112,34 +146,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     load_start = os.getloadavg()
     times: dict[bool, list[tuple[int, float]]] = {True: [], False: []}
+    cpu: dict[bool, list[tuple[int, float]]] = {True: [], False: []}
     with tempfile.TemporaryDirectory() as tmp:
         data = write_mix(Path(tmp), args.records, args.seed)
         for round_index in range(args.rounds):
             order = (True, False) if round_index % 2 == 0 else (False, True)
             for packing in order:
-                measured = one_run(data, Path(tmp) / f"run-{packing}", packing, args)
-                times[packing] += measured
-                print(f"[bench] round {round_index} packing={packing}: {measured}", file=sys.stderr)
-    report: dict[str, Any] = {
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "command": "python bench/packing.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
-        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "loadavg_start": load_start,
-        "loadavg_end": os.getloadavg(),
-        "torch_threads": torch.get_num_threads(),
-    }
-    for packing, name in ((True, "packed"), (False, "padded")):
-        tokens = sum(t for t, _ in times[packing])
-        seconds = sum(s for _, s in times[packing])
-        report[name] = {
-            "steps": len(times[packing]),
-            "median_step_s": statistics.median(s for _, s in times[packing]),
-            "useful_tokens": tokens,
-            "useful_tokens_per_s": tokens / seconds,
-        }
-    report["packed_over_padded"] = (
-        report["packed"]["useful_tokens_per_s"] / report["padded"]["useful_tokens_per_s"]
-    )
+                wall, cpu_s = one_run(data, Path(tmp) / f"run-{packing}", packing, args)
+                times[packing] += wall
+                cpu[packing] += cpu_s
+                print(
+                    f"[bench] round {round_index} packing={packing}: wall {wall}, cpu {cpu_s}",
+                    file=sys.stderr,
+                )
+    report = make_report(argv, args, load_start, times, cpu, torch.get_num_threads())
     print(json.dumps(report, indent=1))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -147,6 +167,42 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not args.no_results:
         with args.results.open("a") as handle:
             handle.write(render(report))
+    return report
+
+
+def make_report(
+    argv: list[str] | None,
+    args: argparse.Namespace,
+    load_start: tuple[float, float, float],
+    times: dict[bool, list[tuple[int, float]]],
+    cpu: dict[bool, list[tuple[int, float]]],
+    threads: int,
+) -> dict[str, Any]:
+    """The JSON report: settings, load, and per variant step counts, median steps and pooled useful tokens/s."""
+    report: dict[str, Any] = {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "command": "python bench/packing.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "loadavg_start": load_start,
+        "loadavg_end": os.getloadavg(),
+        "torch_threads": threads,
+    }
+    for packing, name in ((True, "packed"), (False, "padded")):
+        tokens = sum(t for t, _ in times[packing])
+        cpu_tokens = sum(t for t, _ in cpu[packing])
+        report[name] = {
+            "steps": len(times[packing]),
+            "median_step_s": statistics.median(s for _, s in times[packing]),
+            "useful_tokens": tokens,
+            "useful_tokens_per_s": tokens / sum(s for _, s in times[packing]),
+            "median_step_cpu_s": statistics.median(s for _, s in cpu[packing]),
+            "useful_tokens_per_cpu_s": cpu_tokens / sum(s for _, s in cpu[packing]),
+        }
+    for key in ("useful_tokens_per_s", "useful_tokens_per_cpu_s"):
+        report[f"packed_over_padded{key.removeprefix('useful_tokens_per')}"] = (
+            report["packed"][key] / report["padded"][key]
+        )
+    report["packed_over_padded"] = report["packed_over_padded_s"]  # the wall-clock ratio, as before
     return report
 
 
@@ -162,11 +218,14 @@ def render(report: dict[str, Any]) -> str:
             f"- shared machine: load average {report['loadavg_start'][0]:.1f} at start, "
             f"{report['loadavg_end'][0]:.1f} at end; {report['torch_threads']} torch threads; runs interleaved",
             "",
-            "| batches | measured steps | median step s | useful tokens/s | × padded |",
-            "|---|---:|---:|---:|---:|",
-            f"| padded | {padded['steps']} | {padded['median_step_s']:.2f} | {padded['useful_tokens_per_s']:.0f} | 1.00 |",
+            "| batches | measured steps | median step s | useful tokens/s | × padded | median step CPU s "
+            "| useful tokens/CPU s | × padded (CPU) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+            f"| padded | {padded['steps']} | {padded['median_step_s']:.2f} | {padded['useful_tokens_per_s']:.0f} | 1.00 "
+            f"| {padded['median_step_cpu_s']:.2f} | {padded['useful_tokens_per_cpu_s']:.0f} | 1.00 |",
             f"| packed | {packed['steps']} | {packed['median_step_s']:.2f} | {packed['useful_tokens_per_s']:.0f} "
-            f"| **{report['packed_over_padded']:.2f}** |",
+            f"| {report['packed_over_padded']:.2f} | {packed['median_step_cpu_s']:.2f} "
+            f"| {packed['useful_tokens_per_cpu_s']:.0f} | **{report['packed_over_padded_cpu_s']:.2f}** |",
             "",
         ]
     )

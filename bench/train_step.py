@@ -44,8 +44,9 @@ import torch
 from torch import nn
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))  # this checkout's dense_lora, from any working directory
 
-import dense_lora  # noqa: E402  (registers the DENSELORA peft type; `pip install -e .` makes it importable)
+import dense_lora  # noqa: E402  (registers the DENSELORA peft type)
 from dense_lora.cli import StrictArgumentParser  # noqa: E402
 from dense_lora.layer import reference_implementation  # noqa: E402
 
@@ -537,6 +538,9 @@ class MethodResult:
     median_step_s: float | None = None
     min_step_s: float | None = None  # the least-disturbed step: a second view when the machine is shared
     ratio_to_lora: float | None = None
+    step_cpu_s: list[float] = field(default_factory=list)  # process CPU time of each timed step
+    median_cpu_s: float | None = None
+    cpu_ratio_to_lora: float | None = None  # the ratio to trust on a shared machine (see timed_step)
     saved_over_frozen_per_token: float | None = None
     saved_over_frozen_ratio_to_lora: float | None = None
     peak_mib: float | None = None
@@ -548,26 +552,42 @@ class MethodResult:
     error: str | None = None  # set when the method could not be measured (only tolerated on meta)
 
 
-def run_setting(
-    settings: Settings, log: Callable[[str], None], measure_memory: bool = True
-) -> list[MethodResult]:
-    """Measure every method at one checkpointing setting (memory subprocesses optional: the smoke test skips
-    them for speed)."""
-    base = build_base(settings)
-    vocab = base.config.vocab_size
-    batch = make_batch(settings, vocab)
+def count_method(
+    base: nn.Module, method: str, settings: Settings, batch: dict[str, torch.Tensor]
+) -> tuple[nn.Module, MethodResult]:
+    """Build ``method`` on a copy of ``base`` and count what does not depend on the machine: trainable
+    parameters, FLOPs, saved-for-backward bytes (raises on meta where a kernel cannot run there)."""
+    model = attach_method(copy.deepcopy(base), method, settings)
+    trainable, by_dtype = trainable_parameters(model)
+    # A middle layer: layer 0 is atypical (without input grads its norms and attention save nothing).
+    probe_layer = f".layers.{base.config.num_hidden_layers // 2}."
+    flops = count_flops(model, batch, method)
+    saved = measure_saved(model, batch, settings, method, attribute_ops=True)
+    result = MethodResult(
+        method=method,
+        checkpointing=settings.checkpointing,
+        trainable_params=trainable,
+        trainable_by_dtype=by_dtype,
+        flops=flops,
+        saved_bytes_per_token=saved["saved_bytes_per_token"],
+        saved_bytes_fixed=saved["saved_bytes_fixed"],
+        saved_storages=saved["saved_storages"],
+        naive_saved_bytes_per_token=saved["naive_bytes_per_token"],
+        saved_breakdown=summarize_saved(saved["tensors"], settings.tokens, probe_layer),
+    )
+    return model, result
+
+
+def count_methods(
+    settings: Settings, base: nn.Module, batch: dict[str, torch.Tensor], log: Callable[[str], None]
+) -> tuple[dict[str, nn.Module], dict[str, MethodResult], dict[str, str]]:
+    """Models and counts of every method; on meta, methods whose kernels cannot run there are skipped."""
     models: dict[str, nn.Module] = {}
     results: dict[str, MethodResult] = {}
     failures: dict[str, str] = {}
     for method in settings.methods:
-        model = attach_method(copy.deepcopy(base), method, settings)
-        models[method] = model
-        trainable, by_dtype = trainable_parameters(model)
-        # A middle layer: layer 0 is atypical (without input grads its norms and attention save nothing).
-        probe_layer = f".layers.{base.config.num_hidden_layers // 2}."
         try:
-            flops = count_flops(model, batch, method)
-            saved = measure_saved(model, batch, settings, method, attribute_ops=True)
+            models[method], results[method] = count_method(base, method, settings, batch)
         except Exception as error:
             if not uses_meta(settings):
                 raise
@@ -575,76 +595,112 @@ def run_setting(
             message = f"{type(error).__name__}: {error}"
             log(f"{method}: cannot be counted on the meta device ({message}); skipped")
             failures[method] = message
-            del models[method]
             continue
-        results[method] = MethodResult(
-            method=method,
-            checkpointing=settings.checkpointing,
-            trainable_params=trainable,
-            trainable_by_dtype=by_dtype,
-            flops=flops,
-            saved_bytes_per_token=saved["saved_bytes_per_token"],
-            saved_bytes_fixed=saved["saved_bytes_fixed"],
-            saved_storages=saved["saved_storages"],
-            naive_saved_bytes_per_token=saved["naive_bytes_per_token"],
-            saved_breakdown=summarize_saved(saved["tensors"], settings.tokens, probe_layer),
-        )
+        result = results[method]
         log(
-            f"{method}: {trainable:,} trainable, {flops / 1e9:.2f} GFLOP, "
-            f"{saved['saved_bytes_per_token'] / KIB:.0f} KiB/token saved"
+            f"{method}: {result.trainable_params:,} trainable, {result.flops / 1e9:.2f} GFLOP, "
+            f"{result.saved_bytes_per_token / KIB:.0f} KiB/token saved"
         )
-    del base
+    return models, results, failures
 
-    if not uses_meta(settings):
-        for method in settings.methods:  # warm-up: allocator, kernels, lazy inits
-            for _ in range(settings.warmup):
-                results[method].loss = train_step(models[method], batch, method)
-        order = list(settings.methods)
-        for repeat in range(settings.repeats):
-            shift = repeat % len(order)
-            for method in order[shift:] + order[:shift]:
-                synchronize(settings.device)
-                start = time.perf_counter()
-                results[method].loss = train_step(models[method], batch, method)
-                synchronize(settings.device)
-                results[method].step_times_s.append(time.perf_counter() - start)
-            log(
-                f"repeat {repeat + 1}/{settings.repeats}: "
-                + ", ".join(f"{m} {results[m].step_times_s[-1]:.3f}s" for m in order)
+
+def timed_step(
+    model: nn.Module, batch: dict[str, torch.Tensor], method: str, device: str
+) -> tuple[float, float, float]:
+    """One training step: (loss, wall seconds, CPU seconds of this process).
+
+    CPU time is what the step computed: other processes on a shared machine stretch wall time, not it (with one
+    torch thread it is the step's own work; with more it sums the threads' work, spinning included)."""
+    synchronize(device)
+    wall, cpu = time.perf_counter(), time.process_time()
+    loss = train_step(model, batch, method)
+    synchronize(device)
+    return loss, time.perf_counter() - wall, time.process_time() - cpu
+
+
+def time_methods(
+    settings: Settings,
+    models: dict[str, nn.Module],
+    results: dict[str, MethodResult],
+    batch: dict[str, torch.Tensor],
+    log: Callable[[str], None],
+) -> None:
+    """Warm up, then time the methods interleaved: one step of each per repeat, in an order rotated by one."""
+    order = [method for method in settings.methods if method in models]
+    for method in order:  # warm-up: allocator, kernels, lazy inits
+        for _ in range(settings.warmup):
+            results[method].loss = train_step(models[method], batch, method)
+    for repeat in range(settings.repeats):
+        shift = repeat % len(order)
+        for method in order[shift:] + order[:shift]:
+            result = results[method]
+            result.loss, wall, cpu = timed_step(models[method], batch, method, settings.device)
+            result.step_times_s.append(wall)
+            result.step_cpu_s.append(cpu)
+        log(
+            f"repeat {repeat + 1}/{settings.repeats}: "
+            + ", ".join(
+                f"{m} {results[m].step_times_s[-1]:.3f}s (cpu {results[m].step_cpu_s[-1]:.3f}s)"
+                for m in order
             )
-        for result in results.values():
-            if not result.step_times_s:  # --repeats 0: counts only
-                continue
-            result.median_step_s = statistics.median(result.step_times_s)
-            result.min_step_s = min(result.step_times_s)
-            result.tokens_per_s = settings.tokens / result.median_step_s
-            if settings.device.startswith("cuda"):
-                result.mfu = result.flops / result.median_step_s / (settings.peak_tflops * 1e12)
-    models.clear()
+        )
+    for result in results.values():
+        if not result.step_times_s:  # --repeats 0: counts only
+            continue
+        result.median_step_s = statistics.median(result.step_times_s)
+        result.min_step_s = min(result.step_times_s)
+        result.median_cpu_s = statistics.median(result.step_cpu_s)
+        result.tokens_per_s = settings.tokens / result.median_step_s
+        if settings.device.startswith("cuda"):
+            result.mfu = result.flops / result.median_step_s / (settings.peak_tflops * 1e12)
 
-    if measure_memory and not uses_meta(settings):
-        for method in settings.methods:
-            memory = peak_memory_in_subprocess(settings, method)
-            results[method].peak_mib = memory["peak_mib"]
-            results[method].step_peak_mib = memory["step_peak_mib"]
-            log(f"{method}: peak {_fmt(memory['peak_mib'], '.0f')} MiB ({memory['kind']})")
-            if memory.get("blobs", CODE_STATE.get("blobs")) != CODE_STATE.get("blobs"):
-                log(
-                    f"WARNING: dense_lora/layer.py changed during the run; {method}'s memory probe measured it"
-                )
-                results[method].peak_mib = results[method].step_peak_mib = None
 
+def measure_peak_memory(
+    settings: Settings, results: dict[str, MethodResult], log: Callable[[str], None]
+) -> None:
+    """Peak memory of each method, each in a fresh subprocess (RSS high-water never goes down)."""
+    for method in settings.methods:
+        memory = peak_memory_in_subprocess(settings, method)
+        results[method].peak_mib = memory["peak_mib"]
+        results[method].step_peak_mib = memory["step_peak_mib"]
+        log(f"{method}: peak {_fmt(memory['peak_mib'], '.0f')} MiB ({memory['kind']})")
+        if memory.get("blobs", CODE_STATE.get("blobs")) != CODE_STATE.get("blobs"):
+            log(f"WARNING: dense_lora/layer.py changed during the run; {method}'s memory probe measured it")
+            results[method].peak_mib = results[method].step_peak_mib = None
+
+
+def add_ratios(results: dict[str, MethodResult]) -> None:
+    """Step time (wall and CPU) over LoRA's, and saved bytes over the frozen base's (absolute and × LoRA's)."""
     lora = results.get(BASELINE)
     frozen = results.get(FROZEN)
     for result in results.values():
         if lora and lora.median_step_s and result.median_step_s:
             result.ratio_to_lora = result.median_step_s / lora.median_step_s
+        if lora and lora.median_cpu_s and result.median_cpu_s:
+            result.cpu_ratio_to_lora = result.median_cpu_s / lora.median_cpu_s
         if frozen:
             result.saved_over_frozen_per_token = result.saved_bytes_per_token - frozen.saved_bytes_per_token
     lora_over = lora.saved_over_frozen_per_token if lora else None
     for result in results.values():
         if lora_over and result.saved_over_frozen_per_token is not None:
             result.saved_over_frozen_ratio_to_lora = result.saved_over_frozen_per_token / lora_over
+
+
+def run_setting(
+    settings: Settings, log: Callable[[str], None], measure_memory: bool = True
+) -> list[MethodResult]:
+    """Measure every method at one checkpointing setting (memory subprocesses optional: the smoke test skips
+    them for speed)."""
+    base = build_base(settings)
+    batch = make_batch(settings, base.config.vocab_size)
+    models, results, failures = count_methods(settings, base, batch, log)
+    del base
+    if not uses_meta(settings):
+        time_methods(settings, models, results, batch, log)
+    models.clear()
+    if measure_memory and not uses_meta(settings):
+        measure_peak_memory(settings, results, log)
+    add_ratios(results)
     for method, message in failures.items():
         results[method] = MethodResult(method, settings.checkpointing, 0, {}, 0, 0.0, 0, 0, {}, error=message)
     return [results[method] for method in settings.methods]
@@ -717,6 +773,8 @@ def markdown_rows(settings: Settings, results: list[MethodResult]) -> list[str]:
                     "on" if res.checkpointing else "off",
                     _fmt(res.median_step_s, ".3f"),
                     _fmt(res.ratio_to_lora, ".2f"),
+                    _fmt(res.median_cpu_s, ".3f"),
+                    _fmt(res.cpu_ratio_to_lora, ".2f"),
                     f"{res.flops / 1e9:.1f}",
                     f"{res.saved_bytes_per_token / KIB:.0f}",
                     f"{res.saved_bytes_fixed / 2**20:.1f}",
@@ -739,9 +797,10 @@ def markdown_rows(settings: Settings, results: list[MethodResult]) -> list[str]:
 
 
 TABLE_HEADER = (
-    "| method | ckpt | median step s | × LoRA | GFLOP fwd+bwd | saved KiB/token | of which fixed MiB "
-    "| over frozen KiB/token | over frozen × LoRA | peak MiB step / process | tokens/s | MFU % | trainable |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    "| method | ckpt | median step s | × LoRA | median CPU s | CPU × LoRA | GFLOP fwd+bwd | saved KiB/token "
+    "| of which fixed MiB | over frozen KiB/token | over frozen × LoRA | peak MiB step / process | tokens/s "
+    "| MFU % | trainable |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 

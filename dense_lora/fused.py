@@ -22,6 +22,7 @@ weight gradients are returned in the weights' dtype.
 
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 
 import torch
@@ -73,12 +74,28 @@ class SeededDropout:
 
     def keep(self, like: torch.Tensor) -> torch.Tensor:
         """The next mask: 1 where an element is kept, 0 where dropped, in ``like``'s shape and dtype (unscaled)."""
-        count = like.numel()
-        words = torch.empty((count + 3) // 4, dtype=torch.int64, device=like.device)
-        words.random_(-(2**63), None, generator=self.generator)  # the full range: all 64 bits uniform
-        uniform = words.view(torch.int16)[:count].view(like.shape)
-        out = torch.empty(like.shape, dtype=like.dtype, device=like.device)
-        return torch.ge(uniform, self.threshold, out=out)
+        return self.keep_many(like.shape, dtype=like.dtype)[0]
+
+    def keep_many(self, *shapes: torch.Size, dtype: torch.dtype) -> list[torch.Tensor]:
+        """The next masks for several shapes, the same as ``keep`` called once per shape in order, from one draw.
+
+        Each mask starts on a fresh 64-bit word, as a separate ``keep`` would, so the generator's stream is cut
+        up identically; one ``random_`` and one comparison serve every mask (the fused path needs three per
+        call, and on a few hundred tokens each small kernel costs its fixed overhead, not its elements).
+        """
+        counts = [math.prod(shape) for shape in shapes]
+        words = [(count + 3) // 4 for count in counts]
+        drawn = torch.empty(sum(words), dtype=torch.int64, device=self.generator.device)
+        drawn.random_(-(2**63), None, generator=self.generator)  # the full range: all 64 bits uniform
+        uniform = drawn.view(torch.int16)
+        masks = torch.ge(
+            uniform, self.threshold, out=torch.empty(uniform.shape, dtype=dtype, device=drawn.device)
+        )
+        out, start = [], 0
+        for shape, count, used in zip(shapes, counts, words, strict=True):
+            out.append(masks[start : start + count].view(shape))
+            start += 4 * used
+        return out
 
     def mask(self, like: torch.Tensor) -> torch.Tensor:
         """The next mask scaled as dropout scales it: 0 or ``1 / (1 - p)``."""
@@ -100,18 +117,22 @@ def _dense_forward(base, weight, bias, x, encoder, middle, decoder, activation, 
     flat = x.reshape(-1, x.shape[-1])
     dropout = SeededDropout(seed, p, x.device) if p > 0 else None
     c = dropout.scale if dropout else 1.0
-    if dropout:
-        flat = flat * dropout.keep(flat)
+    product = _decoder_product(decoder, middle, dtype, c)
+    if dropout:  # the masks of x, h and y, in that order, from one draw
+        rows = flat.shape[0]
+        shapes = (flat.shape, (rows, encoder.shape[0]), (rows, product.shape[0]))
+        keep_x, keep_h, keep_y = dropout.keep_many(*shapes, dtype=dtype)
+        flat = flat * keep_x
     a = flat @ _scaled(encoder, c, dtype).t()
     act = ACTIVATION_FUNCTIONS[activation]
     h = act(a) if act else a
     if dropout:
-        h = h * dropout.keep(h)
-    z = h @ _decoder_product(decoder, middle, dtype, c).t()
+        h = h.mul_(keep_h) if act else h * keep_h  # act(a) is a new tensor; a itself must stay intact
+    z = h @ product.t()
     act_ = _ACTIVATION_INPLACE[activation]
     y = act_(z) if act_ else z
     if dropout:
-        y.mul_(dropout.keep(y))
+        y.mul_(keep_y)
     if base is None:
         out = F.linear(x, weight, bias)
         return out.add_(y.view(out.shape), alpha=scaling * c), a, h
@@ -149,17 +170,16 @@ class _DenseLoraFunction(torch.autograd.Function):
         dropout = SeededDropout(ctx.seed, p, x.device) if p > 0 else None
         c = dropout.scale if dropout else 1.0
         scaling = ctx.scaling * c
-        if dropout:
-            # replay forward's masks in forward's order: x, then hidden, then output
-            keep_x, keep_h = dropout.keep(flat), dropout.keep(a)
-            grad = grad * dropout.keep(grad)
+        if dropout:  # replay forward's masks (x, hidden, output) from the same single draw
+            keep_x, keep_h, keep_y = dropout.keep_many(flat.shape, a.shape, grad.shape, dtype=dtype)
+            grad = grad * keep_y
         product = _decoder_product(decoder, middle, dtype, c)
         if ACTIVATION_FUNCTIONS[activation]:
             grad = _activation_backward(activation, grad, h @ product.t())
         grad_dec = grad_mid = None
         if need_dec or need_mid:
             # z = c h M^T W_d^T: both weight gradients come from one token-sized product P = s c^2 g^T h
-            outer = (grad.t() @ h).to(middle.dtype).mul_(scaling * c)
+            outer = _scaled(grad.t() @ h, scaling * c, middle.dtype)
             grad_dec = outer @ middle.t() if need_dec else None
             grad_mid = decoder.t() @ outer if need_mid else None
         grad_a = (grad @ product).mul_(scaling)
@@ -169,9 +189,7 @@ class _DenseLoraFunction(torch.autograd.Function):
         grad_enc = None
         if need_enc:
             dropped = flat * keep_x if dropout else flat
-            grad_enc = (grad_a.t() @ dropped).to(encoder.dtype)
-            if dropout:
-                grad_enc.mul_(c)
+            grad_enc = _scaled(grad_a.t() @ dropped, c, encoder.dtype)
         grad_x = None
         if need_x:
             encoder = _scaled(encoder, c, dtype)
@@ -190,8 +208,13 @@ class _DenseLoraFunction(torch.autograd.Function):
 
 
 def _scaled(weight: torch.Tensor, c: float, dtype: torch.dtype) -> torch.Tensor:
-    """``c * weight`` in the compute dtype (a weight-sized op; no copy at all when c is 1 and the dtype matches)."""
-    return weight.to(dtype) if c == 1.0 else (weight * c).to(dtype)
+    """``c * weight`` in ``dtype``, computed in the wider of the two dtypes; one kernel when narrowing (fp32
+    weights to a bf16 compute dtype), none at all when c is 1 and the dtype matches."""
+    if c == 1.0:
+        return weight.to(dtype)
+    if weight.dtype.itemsize < dtype.itemsize:
+        return weight.to(dtype).mul_(c)  # widen first: an ``out=`` multiply computes in the input's dtype
+    return torch.mul(weight, c, out=torch.empty(weight.shape, dtype=dtype, device=weight.device))
 
 
 def _decoder_product(
@@ -202,8 +225,7 @@ def _decoder_product(
     One weight-sized product replaces a token-sized r x r GEMM in forward and two in backward; on small r these
     GEMMs cost their fixed overhead, not their FLOPs.
     """
-    product = decoder @ middle
-    return (product if c == 1.0 else product.mul_(c)).to(dtype)
+    return _scaled(decoder @ middle, c, dtype)
 
 
 def _autocast_enabled(device_type: str) -> bool:

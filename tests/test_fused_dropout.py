@@ -122,3 +122,15 @@ def test_runs_are_reproducible_from_torch_seed() -> None:
     assert torch.equal(loss_a, loss_b)
     assert len(grads_a) > 0 and all(torch.equal(a, b) for a, b in zip(grads_a, grads_b, strict=True))
     assert not torch.equal(step(124)[0], loss_a)
+
+
+def test_one_draw_gives_the_masks_of_consecutive_draws() -> None:
+    """keep_many (the fused path's single draw for x, hidden and output) cuts the stream as separate keeps do,
+    for sizes that are and are not multiples of the four masks a 64-bit word holds."""
+    shapes = [(3, 7), (3, 4), (5, 6), (2, 3)]
+    separate_draws = SeededDropout(21, 0.3, torch.device("cpu"))
+    separate = [separate_draws.keep(torch.empty(shape, dtype=torch.bfloat16)) for shape in shapes]
+    together = SeededDropout(21, 0.3, torch.device("cpu")).keep_many(*shapes, dtype=torch.bfloat16)
+    for one, many, shape in zip(separate, together, shapes, strict=True):
+        assert many.shape == shape and many.dtype == torch.bfloat16
+        assert torch.equal(one, many)

@@ -1,0 +1,41 @@
+"""bench/packing.py's bookkeeping (no training here: the runs themselves take minutes on SmolLM2)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+BENCH_FILE = Path(__file__).resolve().parents[1] / "bench" / "packing.py"
+
+
+def load_bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_packing", BENCH_FILE)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cpu_step_times_are_differences_of_step_ends() -> None:
+    bench = load_bench()
+    clock = [(100, 1.0), (350, 3.5), (500, 4.0)]  # (tokens seen, CPU s) at each step end
+    assert bench.cpu_step_times(clock) == [(250, 2.5), (150, 0.5)]
+    assert bench.cpu_step_times(clock[:1]) == []
+
+
+def test_report_pools_tokens_per_cpu_second_and_renders_both_ratios() -> None:
+    bench = load_bench()
+    args = argparse.Namespace(model="smollm2", method="denselora", dtype="bf16", micro_batch=4, cutoff=256)
+    wall = {True: [(300, 30.0), (300, 30.0)], False: [(300, 40.0), (300, 35.0)]}
+    cpu = {True: [(300, 2.0), (300, 3.0)], False: [(300, 3.0), (300, 3.0)]}
+    report = bench.make_report(["--steps", "3"], args, (1.0, 1.0, 1.0), wall, cpu, 1)
+    assert report["packed"]["useful_tokens_per_cpu_s"] == 600 / 5.0
+    assert report["padded"]["median_step_cpu_s"] == 3.0
+    assert report["packed_over_padded_cpu_s"] == (600 / 5.0) / (600 / 6.0)
+    assert report["packed_over_padded"] == (600 / 60.0) / (600 / 75.0)  # wall clock, as before
+    text = bench.render(report)
+    assert "useful tokens/CPU s" in text and f"**{report['packed_over_padded_cpu_s']:.2f}**" in text
