@@ -38,11 +38,10 @@ from typing import Any, Literal
 
 import torch
 
+from dense_lora import benchmarks
 from dense_lora.answers import EXTRACTIONS, extract_answer, is_correct
+from dense_lora.benchmarks import ACCEPTED, BENCHMARKS, MAX_OPTION_CHARS
 from dense_lora.data import (
-    COMMONSENSE_DATASETS,
-    EXTRA_MATH_DATASETS,
-    MATH_DATASETS,
     DataError,
     benchmark_test_file,
     canonical_dataset_name,
@@ -57,18 +56,7 @@ Kind = Literal["commonsense", "math"]
 # Defaults of the authors' scripts: DoRA/DenseLoRA commonsense_evaluate.py generates 32 new tokens, the
 # math evaluate.py (DenseLoRA copy and LLM-Adapters at the time of the paper) 128; both use 4 beams.
 DEFAULT_MAX_NEW_TOKENS: dict[Kind, int] = {"commonsense": 128, "math": 128}
-BENCHMARKS: dict[Kind, list[str]] = {
-    "commonsense": list(COMMONSENSE_DATASETS),
-    "math": list(MATH_DATASETS),
-}
-ACCEPTED: dict[Kind, list[str]] = {
-    "commonsense": list(COMMONSENSE_DATASETS),
-    "math": list(MATH_DATASETS) + list(EXTRA_MATH_DATASETS),
-}
 EXTRACTION_CHOICES = (*EXTRACTIONS, "both")
-# Longest option string of the commonsense first-match patterns ("solution1"); the early-stop margin
-# needs an upper bound, and tests/test_generation.py checks this one against dense_lora.answers.
-MAX_OPTION_CHARS = 12
 # Batch size when --batch_size is not given and there is no GPU to probe: on CPU the fast decoder gains little
 # beyond 16 rows (measured on SmolLM2, docs/evaluation.md), and 16 keeps memory small on any machine.
 CPU_DEFAULT_BATCH_SIZE = 16
@@ -224,7 +212,7 @@ def score_record(
 
 def _check_labels(dataset: str, file: Path, records: Sequence[dict[str, Any]]) -> None:
     """Fail before any generation on a label the scorer cannot use (a numeric dataset with a word label)."""
-    numeric = dataset not in COMMONSENSE_DATASETS and dataset != "AQuA"
+    numeric = benchmarks.lookup(dataset).answer == "number"
     for index, record in enumerate(records):
         label = record["answer"]
         if numeric:
