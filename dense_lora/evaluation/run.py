@@ -207,6 +207,7 @@ def _reuse_batch_sizes(planned: Planned, out_dir: Path, overwrite: bool) -> dict
 
 
 def _print_result(result: dict[str, Any]) -> None:
+    """One console line per benchmark, so a long run shows its scores as they come."""
     line = f"{result['dataset']}: accuracy {result['accuracy']:.4f} ({result['correct']}/{result['total']})"
     if "accuracy_strict" in result:
         line += f", strict {result['accuracy_strict']:.4f}"
