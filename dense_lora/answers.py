@@ -40,24 +40,16 @@ import math
 import re
 from typing import Literal
 
-from dense_lora.data import COMMONSENSE_DATASETS, canonical_dataset_name
+from dense_lora import benchmarks
 
 EXTRACTIONS = ("llm-adapters", "strict")
 MATH_TOLERANCE = 0.001
 
-OPTION_PATTERNS = {
-    "boolq": "true|false",
-    "piqa": "solution1|solution2",
-    "social_i_qa": "answer1|answer2|answer3|answer4|answer5",
-    "ARC-Challenge": "answer1|answer2|answer3|answer4|answer5",
-    "ARC-Easy": "answer1|answer2|answer3|answer4|answer5",
-    "openbookqa": "answer1|answer2|answer3|answer4|answer5",
-    "hellaswag": "ending1|ending2|ending3|ending4",
-    "winogrande": "option1|option2",
-}
-_LETTER_DATASETS = ("AQuA",)
+# Derived from the benchmark registry (dense_lora.benchmarks), where each benchmark's pattern is written once.
+OPTION_PATTERNS = benchmarks.OPTION_PATTERNS
+_LETTER_DATASETS = tuple(benchmarks.names(answer="letter"))
 
-_PROTOCOL_NUMBER = re.compile(r"-?\d+\.?\d*")
+_PROTOCOL_NUMBER = re.compile(benchmarks.NUMBER_PATTERN)
 _STRICT_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 _COMMONSENSE_MARKER = re.compile(r"\b(?:the\s+correct\s+answer|answer\s+is)\b", re.IGNORECASE)
 _ANSWER_IS = re.compile(r"\banswer\s+is\b", re.IGNORECASE)
@@ -71,7 +63,7 @@ _LETTER_IN_PARENS = re.compile(r"\(([A-E])\)")
 
 def dataset_kind(dataset: str) -> Literal["commonsense", "math"]:
     """Whether a benchmark is scored as commonsense (option labels) or math (numbers, AQuA letters)."""
-    return "commonsense" if canonical_dataset_name(dataset) in COMMONSENSE_DATASETS else "math"
+    return benchmarks.lookup(dataset).family
 
 
 def _check_extraction(extraction: str) -> None:
@@ -127,7 +119,7 @@ def extract_answer(dataset: str, text: str, extraction: str = "llm-adapters") ->
     `dataset` is matched case-insensitively; `extraction` is one of `EXTRACTIONS` (see module docstring).
     """
     _check_extraction(extraction)
-    name = canonical_dataset_name(dataset)
+    name = benchmarks.canonical_name(dataset)
     strict = extraction == "strict"
     if name in OPTION_PATTERNS:
         if strict:
@@ -137,7 +129,7 @@ def extract_answer(dataset: str, text: str, extraction: str = "llm-adapters") ->
     if name in _LETTER_DATASETS:
         if strict:
             return _strict_letter(text)
-        letters = re.findall(r"A|B|C|D|E", text.strip())
+        letters = re.findall(benchmarks.BY_NAME[name].pattern, text.strip())
         return letters[0] if letters else ""
     if strict:
         return _strict_number(text)

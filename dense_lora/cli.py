@@ -447,7 +447,7 @@ def train_flags() -> list[Flag]:
 
 def eval_flags() -> list[Flag]:
     """The evaluators' flags: dense_lora.evaluate.run()'s parameters after `kind`."""
-    return signature_flags("evaluate", "run", EVAL_HELP, skip=("kind",))
+    return signature_flags("evaluation/run", "run", EVAL_HELP, skip=("kind",))
 
 
 def params_flags() -> list[Flag]:

@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from dense_lora import benchmarks
 from dense_lora.runtime import DenseLoRAError
 
 if TYPE_CHECKING:
@@ -58,19 +59,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # Label value the loss ignores (torch CrossEntropyLoss / transformers default).
 IGNORE_INDEX = -100
 
-COMMONSENSE_DATASETS = [
-    "boolq",
-    "piqa",
-    "social_i_qa",
-    "hellaswag",
-    "winogrande",
-    "ARC-Challenge",
-    "ARC-Easy",
-    "openbookqa",
-]
-MATH_DATASETS = ["AddSub", "MultiArith", "SingleEq", "gsm8k", "AQuA", "SVAMP"]
+# Derived from the one benchmark registry (dense_lora.benchmarks); kept here because callers import them.
+COMMONSENSE_DATASETS = benchmarks.names("commonsense")
+MATH_DATASETS = benchmarks.names("math", in_paper=True)
 # In LLM-Adapters' dataset/ folder and scored like the other numeric sets, but not in DenseLoRA's tables.
-EXTRA_MATH_DATASETS = ["mawps"]
+EXTRA_MATH_DATASETS = benchmarks.names("math", in_paper=False)
 ALL_DATASETS = COMMONSENSE_DATASETS + MATH_DATASETS + EXTRA_MATH_DATASETS
 
 # Continuation indent of LLM-Adapters' f-string prompts (see the module docstring).
@@ -134,11 +127,7 @@ def canonical_dataset_name(name: str) -> str:
     Scripts and users write "arc-easy" or "ARC-Easy", "gsm8k" or "GSM8K"; the file layout and the
     scorer need one spelling. Raises ValueError listing the valid names.
     """
-    by_lower = {known.lower(): known for known in ALL_DATASETS}
-    canonical = by_lower.get(str(name).strip().lower())
-    if canonical is None:
-        raise ValueError(f"unknown dataset '{name}'; valid names: {', '.join(ALL_DATASETS)}")
-    return canonical
+    return benchmarks.canonical_name(name)
 
 
 def benchmark_test_file(name: str) -> Path:

@@ -38,8 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dense_lora.benchmarks import ACCEPTED, BENCHMARKS, SHORT_NAMES
 from dense_lora.cli import StrictArgumentParser
-from dense_lora.evaluate import ACCEPTED, BENCHMARKS
 from dense_lora.paper import (
     CITATION,
     PAPER_BENCHMARKS,
@@ -49,18 +49,8 @@ from dense_lora.paper import (
     published_row,
     variant,
 )
-from dense_lora.runtime import DenseLoRAError, file_sha256
+from dense_lora.runtime import DenseLoRAError, file_sha256, write_bytes_atomic
 
-SHORT_NAMES = {
-    "boolq": "BoolQ",
-    "piqa": "PIQA",
-    "social_i_qa": "SIQA",
-    "hellaswag": "HellaS.",
-    "winogrande": "WinoG.",
-    "ARC-Easy": "ARC-e",
-    "ARC-Challenge": "ARC-c",
-    "openbookqa": "OBQA",
-}
 METHOD_NAMES = {"denselora": "DenseLoRA", "lora": "LoRA", "dora": "DoRA"}
 RUN_CONFIG_FILE = "run_config.json"  # dense_lora.train's names; repeated so a report never imports training
 SUMMARY_FILE = "summary.json"
@@ -637,27 +627,20 @@ def _csv_rows(runs: list[Run]) -> list[dict[str, Any]]:
     return out
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write through a temporary file and os.replace, so a reader (or a killed report) never leaves half a file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def write_csv(runs: list[Run], path: Path) -> None:
     """One row per run, family and benchmark, unrounded numbers with the paper's beside them."""
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS)
     writer.writeheader()
     writer.writerows(_csv_rows(runs))
-    _write_atomic(path, buffer.getvalue().encode())
+    write_bytes_atomic(path, buffer.getvalue().encode())
 
 
 def _save_figure(figure: Any, path: Path) -> None:
     """Save a matplotlib figure as PNG atomically."""
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=120)
-    _write_atomic(path, buffer.getvalue())
+    write_bytes_atomic(path, buffer.getvalue())
 
 
 def plot(runs: list[Run], path: Path) -> None:
@@ -732,7 +715,7 @@ def main(argv: list[str] | None = None) -> int:
     text = markdown(runs)
     if files:
         text += "\n" + curves_markdown(runs, files, out.parent) + "\n"
-    _write_atomic(Path(f"{out}.md"), text.encode())
+    write_bytes_atomic(Path(f"{out}.md"), text.encode())
     write_csv(runs, Path(f"{out}.csv"))
     plot(runs, Path(f"{out}.png"))
     print(text)
