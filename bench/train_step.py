@@ -106,7 +106,8 @@ def build_base(settings: Settings) -> nn.Module:
     """
     from transformers import AutoModelForCausalLM
 
-    from dense_lora.models import build_model_on_meta, published_config, smollm2_path, tiny_llama_config
+    from dense_lora.models import build_model_on_meta, published_config, smollm2_path
+    from dense_lora.testing import tiny_llama_config
 
     torch.manual_seed(settings.seed)
     if settings.model == "tiny":

@@ -441,8 +441,8 @@ QUICKSTART_HELP: dict[str, str] = {
 
 
 def train_flags() -> list[Flag]:
-    """finetune.py's flags: the fields of dense_lora.train.TrainConfig."""
-    return dataclass_flags("train", "TrainConfig", TRAIN_HELP)
+    """finetune.py's flags: the fields of TrainConfig (dense_lora/training/config.py; dense_lora.train re-exports it)."""
+    return dataclass_flags("training/config", "TrainConfig", TRAIN_HELP)
 
 
 def eval_flags() -> list[Flag]:

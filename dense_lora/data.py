@@ -340,8 +340,16 @@ def tokenize_records(
     records: Sequence[Mapping[str, Any]],
     cutoff_len: int,
     train_on_inputs: bool,
+    progress: str | None = None,
 ) -> list[dict[str, list[int]]]:
-    """Tokenize a whole training set with `tokenize_example`, then `check_trainable` it."""
+    """Tokenize a whole training set with `tokenize_example`, then `check_trainable` it.
+
+    `progress` names a transient progress bar (training shows one on the main process; None shows none).
+    """
+    if progress is not None:
+        from tqdm.auto import tqdm
+
+        records = tqdm(records, desc=progress, leave=False)
     tokenized = [tokenize_example(tokenizer, record, cutoff_len, train_on_inputs) for record in records]
     check_trainable(tokenized)
     return tokenized

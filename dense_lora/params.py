@@ -17,7 +17,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import PretrainedConfig
 
 from .config import DEFAULT_TARGET_MODULES, DenseLoraConfig
-from .models import build_model_on_meta, published_config
+from .published import build_model_on_meta, published_config
 
 
 @dataclass(frozen=True)

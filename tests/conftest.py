@@ -1,15 +1,20 @@
-"""Shared fixtures: tiny real LLaMA models built in code, the real SmolLM2, the real benchmark files."""
+"""Shared fixtures: tiny real LLaMA models built in code, the real SmolLM2, the real benchmark files.
+
+Plain helpers (tiny-run settings, the finetune.py command line, adapter comparison) are in tests/helpers.py.
+"""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
-from transformers import LlamaForCausalLM
+from transformers import AutoTokenizer, LlamaForCausalLM
 
-from dense_lora.models import tiny_llama_config
+from dense_lora.testing import tiny_llama_config
 
 
 def make_tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> LlamaForCausalLM:
@@ -53,3 +58,36 @@ def real_data() -> Callable[[str], Path]:
             pytest.skip(f"benchmark file not available: {error}")
 
     return resolve
+
+
+@pytest.fixture(scope="session")
+def tiny_base(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 3-layer LLaMA (hidden 64) whose vocabulary is SmolLM2's, saved with the real SmolLM2 tokenizer."""
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    model = make_tiny_llama(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    folder = tmp_path_factory.mktemp("tiny-llama-smollm2-vocab")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def train_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """96 real training records: the first 48 of boolq and of ARC-Easy train.json (commonsense_170k parts)."""
+    from dense_lora.data import resolve_data_file
+
+    records: list[Any] = []
+    for name in ("boolq", "ARC-Easy"):
+        try:
+            source = resolve_data_file(f"dataset/{name}/train.json")
+        except FileNotFoundError as error:
+            pytest.skip(str(error))
+        records += json.loads(source.read_text())[:48]
+    path = tmp_path_factory.mktemp("data") / "train.json"
+    path.write_text(json.dumps(records))
+    return path

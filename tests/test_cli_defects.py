@@ -11,67 +11,25 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
-import test_train
 from conftest import make_tiny_llama
+from helpers import ENV, REPO, run_forked_clis, tiny_run_flags
 from peft import LoraConfig, get_peft_model
 
 from dense_lora.train import TRAINER_STATE_FILE
 
-tiny_base = test_train.tiny_base
-train_file = test_train.train_file
-REPO = test_train.REPO
-ENV = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
 # Refusals that need no model must come back in seconds; generous for a machine shared with training jobs.
 FAST_S = 20
 
-DRIVER = """
-import json, os, runpy, sys, time
-import dense_lora.train, dense_lora.evaluate  # what the CLIs import lazily: once, before forking
-mains = {name: runpy.run_path(os.path.join(sys.argv[1], name + ".py"), run_name="cli")["main"]
-         for name in ("finetune", "commonsense_evaluate")}
-results = {}
-for phase in json.loads(sys.argv[2]):
-    children = {}
-    for name, (script, argv, stderr_path) in phase.items():
-        started = time.monotonic()
-        pid = os.fork()
-        if pid == 0:
-            os.dup2(os.open(stderr_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 2)
-            try:
-                status = mains[script](argv)
-            except SystemExit as stop:
-                status = stop.code if isinstance(stop.code, int) else 1
-            except BaseException:
-                import traceback
-                traceback.print_exc()
-                status = 1
-            sys.stderr.flush()
-            os._exit(status)
-        children[pid] = (name, started)
-    while children:
-        pid, wait_status = os.wait()
-        name, started = children.pop(pid)
-        results[name] = (os.waitstatus_to_exitcode(wait_status), time.monotonic() - started)
-print(json.dumps(results))
-"""
-
-
-def flags(base: Path, data: Path, output_dir: Path, **overrides: Any) -> list[str]:
-    values: dict[str, Any] = dict(
-        base_model=base, data_path=data, output_dir=output_dir, batch_size=4, micro_batch_size=2, max_steps=4,
-        val_set_size=0, eval_step=2, save_step=2, logging_steps=1, warmup_steps=0, learning_rate=1e-2,
-        lora_r=8, cutoff_len=48,
-    )  # fmt: skip
-    values.update(overrides)
-    return [f"--{key}={value}" for key, value in values.items()]
+# This module's tiny runs take 4 steps without warmup; a case may override either.
+flags = partial(tiny_run_flags, max_steps=4, warmup_steps=0)
 
 
 def sha256(path: Path) -> str:
@@ -147,14 +105,9 @@ def cases(tiny_base, train_file, smollm2_dir, tmp_path_factory) -> dict[str, Any
         }
     )  # fmt: skip
     # Run phase 1, prepare phase 2's folders from "first run", then run phase 2.
-    script = tmp / "driver.py"
-    script.write_text(DRIVER)
 
     def drive(phase: dict) -> dict:
-        done = subprocess.run([sys.executable, str(script), str(REPO), json.dumps([phase])],
-                              capture_output=True, text=True, env=ENV, timeout=1800)  # fmt: skip
-        assert done.returncode == 0, done.stderr[-3000:]
-        return json.loads(done.stdout.strip().splitlines()[-1])
+        return run_forked_clis([phase], timeout=1800)
 
     results = drive(phases[0])
     assert results["first run"][0] == 0, (tmp / "first.stderr").read_text()[-3000:]

@@ -3,64 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-import test_train
-import torch
-from safetensors.torch import load_file
+from helpers import ENV, adapter, assert_same_adapter, finetune, run_forked_clis
+from helpers import tiny_run_flags as cli_flags
 
 from dense_lora.train import INTERRUPTED_EXIT_CODE
 from dense_lora.train import TRAINER_STATE_FILE as TRAINER_STATE
-
-# The session fixtures of the in-process tests (tiny LLaMA with the SmolLM2 tokenizer, real records), shared.
-tiny_base = test_train.tiny_base
-train_file = test_train.train_file
-REPO = test_train.REPO
-ENV = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
-
-
-def cli_flags(base: Path, data: Path, output_dir: Path, **overrides: Any) -> list[str]:
-    values: dict[str, Any] = dict(
-        base_model=base,
-        data_path=data,
-        output_dir=output_dir,
-        batch_size=4,
-        micro_batch_size=2,
-        max_steps=6,
-        val_set_size=0,
-        eval_step=2,
-        save_step=2,
-        logging_steps=1,
-        warmup_steps=2,
-        learning_rate=1e-2,
-        lora_r=8,
-        cutoff_len=48,
-    )
-    values.update(overrides)
-    return [f"--{key}={value}" for key, value in values.items()]
-
-
-def finetune(*flags: str, launcher: tuple[str, ...] = ()) -> list[str]:
-    return [sys.executable, *launcher, str(REPO / "finetune.py"), *flags]
-
-
-def adapter(folder: Path) -> dict[str, torch.Tensor]:
-    return load_file(folder / "adapter_model.safetensors")
-
-
-def assert_same_adapter(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float) -> None:
-    assert a.keys() == b.keys()
-    worst = max((a[key] - b[key]).abs().max().item() for key in a)
-    assert worst <= atol, f"adapters differ by {worst}"
-    assert any(t.abs().sum() > 0 for key, t in a.items() if "decoder" in key or "lora_B" in key)  # it trained
-
 
 # --- bad input: one line on stderr, status 2, nothing written ----------------------------------------------
 
@@ -77,37 +31,6 @@ BAD_INPUTS: dict[str, tuple[dict[str, Any], str]] = {
     "r larger than a module": ({"lora_r": 48}, "larger than"),
     "resume from nothing": ({"resume_from_checkpoint": "{tmp}/nowhere"}, "not a complete checkpoint"),
 }
-
-
-# Imports finetune.py once, then forks one child per case that runs the CLI entry point (main) on that case's
-# argv with stderr sent to a file, and exits with the CLI's status. Each case is still its own process with its own
-# exit status; the fork only saves re-importing torch/transformers/peft eleven times (~6 s each on 2 cores).
-FORKING_DRIVER = """
-import json, os, runpy, sys
-import dense_lora.train  # what main() imports lazily: load it once, before forking
-cli = runpy.run_path(sys.argv[1], run_name="finetune_cli")
-children = {}
-for name, (argv, stderr_path) in json.loads(sys.argv[2]).items():
-    pid = os.fork()
-    if pid == 0:
-        os.dup2(os.open(stderr_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 2)
-        try:
-            status = cli["main"](argv)
-        except SystemExit as stop:
-            status = stop.code if isinstance(stop.code, int) else 1
-        except BaseException:
-            import traceback
-            traceback.print_exc()
-            status = 1
-        sys.stderr.flush()
-        os._exit(status)
-    children[pid] = name
-statuses = {}
-while children:
-    pid, wait_status = os.wait()
-    statuses[children.pop(pid)] = os.waitstatus_to_exitcode(wait_status)
-print(json.dumps(statuses))
-"""
 
 
 @pytest.fixture(scope="module")
@@ -133,21 +56,12 @@ def bad_runs(tiny_base, train_file, tmp_path_factory) -> dict[str, tuple[int, st
             {p.name: p.read_bytes() for p in output_dir.iterdir()} if output_dir.exists() else None,
         )
         cases[case] = (
+            "finetune",
             [str(flag) for flag in cli_flags(tiny_base, train_file, **values)],
             str(tmp / f"{case}.stderr"),
         )
-    driver = tmp / "driver.py"
-    driver.write_text(FORKING_DRIVER)
-    done = subprocess.run(
-        [sys.executable, str(driver), str(REPO / "finetune.py"), json.dumps(cases)],
-        capture_output=True,
-        text=True,
-        env=ENV,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    statuses = json.loads(done.stdout.strip().splitlines()[-1])
-    return {case: (statuses[case], Path(cases[case][1]).read_text(), *folders[case]) for case in BAD_INPUTS}
+    results = run_forked_clis([cases], timeout=300)
+    return {case: (results[case][0], Path(cases[case][2]).read_text(), *folders[case]) for case in BAD_INPUTS}
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))

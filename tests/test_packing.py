@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import test_train
 import torch
 from conftest import make_tiny_llama
+from helpers import ENV, adapter, assert_same_adapter, finetune, read_metrics, small_run
+from helpers import tiny_run_flags as cli_flags
 from peft import get_peft_model
-from test_finetune_cli import ENV, adapter, assert_same_adapter, cli_flags, finetune
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dense_lora import DEFAULT_TARGET_MODULES, DenseLoraConfig
@@ -29,11 +29,6 @@ from dense_lora.packing import (
     packing_unsupported_reason,
 )
 from dense_lora.train import TrainConfig, TrainError, check_output_dir, run
-
-tiny_base = test_train.tiny_base
-train_file = test_train.train_file
-small_run = test_train.small_run
-read_metrics = test_train.read_metrics
 
 
 def test_collator_flattens_records_with_their_own_positions() -> None:

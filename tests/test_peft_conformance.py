@@ -43,7 +43,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from dense_lora import DenseLoraConfig
-from dense_lora.models import tiny_llama_config
+from dense_lora.testing import tiny_llama_config
 
 PEFT_VERSION = version("peft")
 PACKAGE = "peft_upstream_tests"

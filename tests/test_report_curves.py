@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_train import read_metrics, small_run, tiny_base, train_file  # noqa: F401  (fixtures)
+from helpers import read_metrics, small_run
 
 from dense_lora import evaluate
 from dense_lora.report import Curves, load_run, main, plot_curves, read_curves
@@ -22,7 +22,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
-def evaluated_run(tiny_base: Path, train_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:  # noqa: F811
+def evaluated_run(tiny_base: Path, train_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     output_dir = tmp_path_factory.mktemp("curves") / "dense-r8"
     run(TrainConfig(**small_run(tiny_base, train_file, output_dir)))
     evaluate.run(

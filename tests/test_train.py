@@ -8,16 +8,14 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
-from conftest import make_tiny_llama
+from helpers import REPO, read_metrics, small_run
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dense_lora.data import resolve_data_file
 from dense_lora.train import (
     INTERRUPTED_EXIT_CODE,
     TrainConfig,
@@ -30,71 +28,12 @@ from dense_lora.train import (
     run,
 )
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="session")
-def tiny_base(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 3-layer LLaMA (hidden 64) whose vocabulary is SmolLM2's, saved with the real SmolLM2 tokenizer."""
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
-    model = make_tiny_llama(
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    folder = tmp_path_factory.mktemp("tiny-llama-smollm2-vocab")
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="session")
-def train_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """96 real training records: the first 48 of boolq and of ARC-Easy train.json (commonsense_170k parts)."""
-    records: list[Any] = []
-    for name in ("boolq", "ARC-Easy"):
-        try:
-            source = resolve_data_file(f"dataset/{name}/train.json")
-        except FileNotFoundError as error:
-            pytest.skip(str(error))
-        records += json.loads(source.read_text())[:48]
-    path = tmp_path_factory.mktemp("data") / "train.json"
-    path.write_text(json.dumps(records))
-    return path
-
-
-def small_run(base: Path, data: Path, output_dir: Path, **overrides: Any) -> dict[str, Any]:
-    """Settings small enough for a 2-core CPU; overrides are TrainConfig fields."""
-    values: dict[str, Any] = dict(
-        base_model=str(base),
-        data_path=str(data),
-        output_dir=str(output_dir),
-        batch_size=4,
-        micro_batch_size=2,
-        max_steps=6,
-        val_set_size=8,
-        eval_step=2,
-        save_step=2,
-        logging_steps=1,
-        warmup_steps=0,
-        learning_rate=1e-2,
-        lora_r=8,
-        cutoff_len=64,
-    )
-    values.update(overrides)
-    return values
-
 
 @pytest.fixture(scope="module")
 def trained(tiny_base: Path, train_file: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     output_dir = tmp_path_factory.mktemp("run") / "out"
     summary = run(TrainConfig(**small_run(tiny_base, train_file, output_dir)))
     return output_dir, summary
-
-
-def read_metrics(output_dir: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_run_writes_adapter_metrics_and_summary(trained):

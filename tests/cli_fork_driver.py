@@ -1,0 +1,62 @@
+"""Run the CLIs' main() on many argv, each in a forked child with its own exit status and stderr file.
+
+Usage: python tests/cli_fork_driver.py REPO PHASES_JSON, where PHASES_JSON is a list of phases, each
+{name: [script, argv, stderr_path]} with script "finetune" or "commonsense_evaluate". The phases run one after
+the other, the cases of a phase at the same time. Prints {name: [exit status, seconds from the fork]} as the
+last line of stdout.
+
+Why: importing torch/transformers/peft costs ~6 s per process on 2 cores (minutes when loaded), so the
+modules the CLIs import lazily are imported once here, before forking; each case is still its own process.
+"""
+
+import json
+import os
+import runpy
+import sys
+import time
+
+import dense_lora.evaluate
+import dense_lora.train  # noqa: F401  (what the CLIs import lazily: once, before forking)
+
+SCRIPTS = ("finetune", "commonsense_evaluate")
+
+
+def run_case(main, argv: list[str], stderr_path: str) -> None:
+    """In the child: stderr to its file, main(argv), exit with the CLI's status."""
+    os.dup2(os.open(stderr_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 2)
+    try:
+        status = main(argv)
+    except SystemExit as stop:
+        status = stop.code if isinstance(stop.code, int) else 1
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        status = 1
+    sys.stderr.flush()
+    os._exit(status)
+
+
+def main() -> None:
+    repo, phases = sys.argv[1], json.loads(sys.argv[2])
+    mains = {
+        name: runpy.run_path(os.path.join(repo, name + ".py"), run_name="cli")["main"] for name in SCRIPTS
+    }
+    results = {}
+    for phase in phases:
+        children = {}
+        for name, (script, argv, stderr_path) in phase.items():
+            started = time.monotonic()
+            pid = os.fork()
+            if pid == 0:
+                run_case(mains[script], argv, stderr_path)
+            children[pid] = (name, started)
+        while children:
+            pid, wait_status = os.wait()
+            name, started = children.pop(pid)
+            results[name] = (os.waitstatus_to_exitcode(wait_status), time.monotonic() - started)
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

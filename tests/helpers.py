@@ -1,0 +1,90 @@
+"""Helpers shared by the test modules: tiny-run settings, the finetune.py command line, adapter comparison.
+
+Test modules import these from here (never from one another); the pytest fixtures they share live in
+conftest.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
+# Runs the CLIs' main() once per case in forked children (tests/cli_fork_driver.py explains why).
+CLI_FORK_DRIVER = Path(__file__).resolve().with_name("cli_fork_driver.py")
+
+# A run small enough for a 2-core CPU: 4-record global batches of 2-record micro-batches, r=8, short records.
+TINY_RUN: dict[str, Any] = dict(
+    batch_size=4,
+    micro_batch_size=2,
+    max_steps=6,
+    val_set_size=8,
+    eval_step=2,
+    save_step=2,
+    logging_steps=1,
+    warmup_steps=0,
+    learning_rate=1e-2,
+    lora_r=8,
+    cutoff_len=64,
+)
+# The command-line tests train without validation, on shorter records, after 2 warmup steps.
+TINY_CLI_RUN: dict[str, Any] = {**TINY_RUN, "val_set_size": 0, "warmup_steps": 2, "cutoff_len": 48}
+
+
+def small_run(base: Path, data: Path, output_dir: Path, **overrides: Any) -> dict[str, Any]:
+    """TrainConfig fields of a tiny run; overrides are TrainConfig fields."""
+    paths = dict(base_model=str(base), data_path=str(data), output_dir=str(output_dir))
+    return {**paths, **TINY_RUN, **overrides}
+
+
+def tiny_run_flags(base: Path, data: Path, output_dir: Path, **overrides: Any) -> list[str]:
+    """finetune.py flags (``--name=value``) of a tiny run without validation; overrides are flag values."""
+    values = {"base_model": base, "data_path": data, "output_dir": output_dir, **TINY_CLI_RUN, **overrides}
+    return [f"--{key}={value}" for key, value in values.items()]
+
+
+def finetune(*flags: str, launcher: tuple[str, ...] = ()) -> list[str]:
+    """The command that runs finetune.py (under `launcher`, e.g. torch.distributed.run) with `flags`."""
+    return [sys.executable, *launcher, str(REPO / "finetune.py"), *flags]
+
+
+def run_forked_clis(phases: list[dict[str, Any]], timeout: float) -> dict[str, list[float]]:
+    """Run every case {name: (script, argv, stderr_path)} of each phase through tests/cli_fork_driver.py.
+
+    Returns {name: [exit status, seconds from the fork]}; the driver itself must succeed.
+    """
+    done = subprocess.run(
+        [sys.executable, str(CLI_FORK_DRIVER), str(REPO), json.dumps(phases, default=str)],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=timeout,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def read_metrics(output_dir: Path) -> list[dict[str, Any]]:
+    """The records of a run's metrics.jsonl."""
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def adapter(folder: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a saved adapter."""
+    return load_file(folder / "adapter_model.safetensors")
+
+
+def assert_same_adapter(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float) -> None:
+    """Same tensors within `atol`, and trained (some decoder / lora_B weight left zero)."""
+    assert a.keys() == b.keys()
+    worst = max((a[key] - b[key]).abs().max().item() for key in a)
+    assert worst <= atol, f"adapters differ by {worst}"
+    assert any(t.abs().sum() > 0 for key, t in a.items() if "decoder" in key or "lora_B" in key)  # it trained
