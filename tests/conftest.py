@@ -6,21 +6,18 @@ Plain helpers (tiny-run settings, the finetune.py command line, adapter comparis
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from helpers import make_tiny_llama
+from peft import get_peft_model
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from dense_lora.testing import tiny_llama_config
-
-
-def make_tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(tiny_llama_config(**overrides)).to(dtype)
-    return model.eval()
+from dense_lora import DenseLoraConfig
 
 
 @pytest.fixture
@@ -91,3 +88,32 @@ def train_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("data") / "train.json"
     path.write_text(json.dumps(records))
     return path
+
+
+def save_tiny_adapter(base_overrides: dict, folder: Path) -> Path:
+    """A DenseLoRA adapter (q/v, r=4, non-zero init) for a tiny LLaMA with these config overrides."""
+    model = make_tiny_llama(seed=1, **base_overrides)
+    config = DenseLoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_weights=False, init_seed=0
+    )
+    get_peft_model(model, config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny(smollm2_dir, tmp_path_factory) -> dict[str, Path]:
+    """A tiny LLaMA folder with the SmolLM2 tokenizer, a fitting adapter and one for another hidden size."""
+    root = tmp_path_factory.mktemp("tiny")
+    sizes = dict(
+        vocab_size=49152, max_position_embeddings=1024, bos_token_id=1, eos_token_id=2, pad_token_id=2
+    )
+    make_tiny_llama(**sizes).save_pretrained(root / "base")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(smollm2_dir / name, root / "base" / name)
+    return {
+        "base": root / "base",
+        "adapter": save_tiny_adapter(sizes, root / "adapter"),
+        "foreign": save_tiny_adapter(
+            {**sizes, "hidden_size": 32, "head_dim": 8, "intermediate_size": 48}, root / "foreign"
+        ),
+    }

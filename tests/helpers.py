@@ -15,6 +15,9 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file
+from transformers import LlamaForCausalLM
+
+from dense_lora.testing import tiny_llama_config
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
@@ -88,3 +91,10 @@ def assert_same_adapter(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], 
     worst = max((a[key] - b[key]).abs().max().item() for key in a)
     assert worst <= atol, f"adapters differ by {worst}"
     assert any(t.abs().sum() > 0 for key, t in a.items() if "decoder" in key or "lora_B" in key)  # it trained
+
+
+def make_tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: Any) -> LlamaForCausalLM:
+    """A seeded tiny LLaMA (GQA, distinct dims; dense_lora.testing.tiny_llama_config) in eval mode."""
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_llama_config(**overrides)).to(dtype)
+    return model.eval()

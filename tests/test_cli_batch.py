@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import json
 
-import test_evaluate
-
 from dense_lora.evaluate import CPU_DEFAULT_BATCH_SIZE, run
-
-tiny = test_evaluate.tiny
 
 
 def test_default_batch_size_on_cpu_is_recorded_and_kept_on_resume(tiny, tmp_path, real_data):

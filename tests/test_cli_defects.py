@@ -19,8 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import make_tiny_llama
-from helpers import ENV, REPO, run_forked_clis, tiny_run_flags
+from helpers import ENV, REPO, make_tiny_llama, run_forked_clis, tiny_run_flags
 from peft import LoraConfig, get_peft_model
 
 from dense_lora.train import TRAINER_STATE_FILE

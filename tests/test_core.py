@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_tiny_llama
+from helpers import make_tiny_llama
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 

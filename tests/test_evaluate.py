@@ -5,48 +5,16 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import make_tiny_llama
-from peft import get_peft_model
 
 import dense_lora.data
-from dense_lora import DenseLoraConfig
 from dense_lora.evaluate import cli, run
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _adapter(base_overrides: dict, folder: Path) -> Path:
-    model = make_tiny_llama(seed=1, **base_overrides)
-    config = DenseLoraConfig(
-        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_weights=False, init_seed=0
-    )
-    get_peft_model(model, config).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def tiny(smollm2_dir, tmp_path_factory) -> dict[str, Path]:
-    """A tiny LLaMA folder with the SmolLM2 tokenizer, a fitting adapter and one for another hidden size."""
-    root = tmp_path_factory.mktemp("tiny")
-    sizes = dict(
-        vocab_size=49152, max_position_embeddings=1024, bos_token_id=1, eos_token_id=2, pad_token_id=2
-    )
-    make_tiny_llama(**sizes).save_pretrained(root / "base")
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(smollm2_dir / name, root / "base" / name)
-    return {
-        "base": root / "base",
-        "adapter": _adapter(sizes, root / "adapter"),
-        "foreign": _adapter(
-            {**sizes, "hidden_size": 32, "head_dim": 8, "intermediate_size": 48}, root / "foreign"
-        ),
-    }
 
 
 def _strip_timing(result: dict) -> dict:

@@ -15,8 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import make_tiny_llama
-from helpers import REPO
+from helpers import REPO, make_tiny_llama
 from peft import get_peft_model
 from peft.utils.other import fsdp_auto_wrap_policy
 

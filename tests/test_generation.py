@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from conftest import make_tiny_llama
+from helpers import make_tiny_llama
 
 from dense_lora import answers
 from dense_lora.data import generate_eval_prompt, load_test_records

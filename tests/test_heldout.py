@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import make_tiny_llama
+from helpers import make_tiny_llama
 from peft import get_peft_model
 
 from dense_lora import DenseLoraConfig

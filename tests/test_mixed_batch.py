@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_tiny_llama
+from helpers import make_tiny_llama
 from peft import PeftModel, get_peft_model
 
 from dense_lora import DEFAULT_TARGET_MODULES, DenseLoraConfig, DenseLoraLayer

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_llama
+from helpers import make_tiny_llama
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from dense_lora import smollm2

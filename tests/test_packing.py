@@ -13,8 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import make_tiny_llama
-from helpers import ENV, adapter, assert_same_adapter, finetune, read_metrics, small_run
+from helpers import ENV, adapter, assert_same_adapter, finetune, make_tiny_llama, read_metrics, small_run
 from helpers import tiny_run_flags as cli_flags
 from peft import get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer

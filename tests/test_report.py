@@ -6,7 +6,7 @@ import csv
 import json
 from pathlib import Path
 
-from conftest import make_tiny_llama
+from helpers import make_tiny_llama
 from peft import get_peft_model
 
 from dense_lora import DenseLoraConfig
