@@ -58,8 +58,8 @@ def _option(name: str, pattern: str, short: str) -> Benchmark:
     return Benchmark(name, "commonsense", "option", pattern, short)
 
 
-def _number(name: str, in_paper: bool = True) -> Benchmark:
-    return Benchmark(name, "math", "number", NUMBER_PATTERN, in_paper=in_paper)
+def _number(name: str, short: str = "", in_paper: bool = True) -> Benchmark:
+    return Benchmark(name, "math", "number", NUMBER_PATTERN, short, in_paper=in_paper)
 
 
 # Order is the paper's column order within a family, and the order of ``--dataset all``. social_i_qa has three
@@ -74,9 +74,9 @@ REGISTRY: tuple[Benchmark, ...] = (
     _option("ARC-Easy", _FIVE_ANSWERS, "ARC-e"),
     _option("openbookqa", _FIVE_ANSWERS, "OBQA"),
     _number("AddSub"),
-    _number("MultiArith"),
+    _number("MultiArith", "MultiA."),
     _number("SingleEq"),
-    _number("gsm8k"),
+    _number("gsm8k", "GSM8K"),
     Benchmark("AQuA", "math", "letter", LETTER_PATTERN),
     _number("SVAMP"),
     _number("mawps", in_paper=False),  # in LLM-Adapters' dataset/ folder, not in DenseLoRA's tables

@@ -27,6 +27,7 @@ or multi-process run generates every row in exactly the same batch as a single u
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
@@ -165,6 +166,46 @@ def greedy_decode(
     Positions and the next token (argmax of float32 logits) are computed as ``generate()`` computes them, so each
     row's tokens are those of its own batch-1 run up to floating-point ties.
     """
+    device = _model_device(model)
+    cache, step_ids, attention_mask, position_ids = _prefill_shared_prefix(model, prompt_rows, pad_token_id)
+    generated: list[list[int]] = [[] for _ in prompt_rows]
+    rows = list(range(len(prompt_rows)))  # the original index of each row still in the batch
+    for _ in range(max_new_tokens):
+        logits = model(
+            input_ids=step_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        ).logits
+        next_ids = logits[:, -1].float().argmax(-1)
+        keep = _append_and_keep(rows, next_ids.tolist(), generated, eos_ids, max_new_tokens, is_done)
+        if not keep:
+            break
+        if len(keep) < len(rows):
+            index = torch.tensor(keep, device=device)
+            cache.batch_select_indices(index)
+            rows = [rows[slot] for slot in keep]
+            next_ids, attention_mask, position_ids = (
+                next_ids[index],
+                attention_mask[index],
+                position_ids[index],
+            )
+        step_ids = next_ids[:, None]
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(rows), 1)], dim=1)
+        position_ids = position_ids[:, -1:] + 1
+    return generated
+
+
+def _prefill_shared_prefix(
+    model: PreTrainedModel, prompt_rows: Sequence[list[int]], pad_token_id: int
+) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prefill the rows' common prefix once into a KV cache repeated per row; the first step's inputs.
+
+    Returns the cache and each row's remainder left-padded after the prefix, with the attention mask and the
+    positions (counted over unmasked tokens, as ``generate()`` counts them).
+    """
     from transformers import DynamicCache
 
     device = _model_device(model)
@@ -182,39 +223,25 @@ def greedy_decode(
         device=device,
     )
     position_ids = (attention_mask.cumsum(-1) - 1).clamp_min_(0)[:, prefix:]
-    generated: list[list[int]] = [[] for _ in prompt_rows]
-    rows = list(range(len(prompt_rows)))  # the original index of each row still in the batch
-    for _ in range(max_new_tokens):
-        logits = model(
-            input_ids=step_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        ).logits
-        next_ids = logits[:, -1].float().argmax(-1)
-        keep = []
-        for slot, (row, token) in enumerate(zip(rows, next_ids.tolist(), strict=True)):
-            generated[row].append(token)
-            ended = token in eos_ids or len(generated[row]) == max_new_tokens
-            if not ended and not (is_done is not None and is_done(row, generated[row])):
-                keep.append(slot)
-        if not keep:
-            break
-        if len(keep) < len(rows):
-            index = torch.tensor(keep, device=device)
-            cache.batch_select_indices(index)
-            rows = [rows[slot] for slot in keep]
-            next_ids, attention_mask, position_ids = (
-                next_ids[index],
-                attention_mask[index],
-                position_ids[index],
-            )
-        step_ids = next_ids[:, None]
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(rows), 1)], dim=1)
-        position_ids = position_ids[:, -1:] + 1
-    return generated
+    return cache, step_ids, attention_mask, position_ids
+
+
+def _append_and_keep(
+    rows: Sequence[int],
+    tokens: Sequence[int],
+    generated: list[list[int]],
+    eos_ids: Sequence[int],
+    max_new_tokens: int,
+    is_done: Callable[[int, list[int]], bool] | None,
+) -> list[int]:
+    """Append each running row's new token; return the batch slots of the rows that go on."""
+    keep = []
+    for slot, (row, token) in enumerate(zip(rows, tokens, strict=True)):
+        generated[row].append(token)
+        ended = token in eos_ids or len(generated[row]) == max_new_tokens
+        if not ended and not (is_done is not None and is_done(row, generated[row])):
+            keep.append(slot)
+    return keep
 
 
 def generate_batch(

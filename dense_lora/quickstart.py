@@ -124,9 +124,22 @@ def main(
     loss_after = heldout_losses(base_model, str(root / "adapter"), eval_limit)
     reference = reference_baselines(eval_limit)
 
-    losses = [
-        m["loss"] for m in map(json.loads, (root / "adapter" / train.METRICS_FILE).open()) if "loss" in m
-    ]
+    print_summary(lora_r, summary, root / "adapter", (before, after), (loss_before, loss_after), reference)
+    print(f"total time {time.perf_counter() - started:.0f} s; adapter in {root / 'adapter'}")
+
+
+def print_summary(
+    lora_r: int,
+    summary: dict[str, Any],
+    adapter_dir: Path,
+    accuracy: tuple[dict[str, Any], dict[str, Any]],
+    answer_loss: tuple[dict[str, float], dict[str, float]],
+    reference: dict[str, tuple[float, float]],
+) -> None:
+    """The table a newcomer reads: accuracy and held-out answer loss before and after, beside the baselines."""
+    before, after = accuracy
+    loss_before, loss_after = answer_loss
+    losses = [m["loss"] for m in map(json.loads, (adapter_dir / train.METRICS_FILE).open()) if "loss" in m]
     print()
     print(
         f"DenseLoRA r={lora_r} on SmolLM2-135M-Instruct: {summary['trainable_params']:,} trainable parameters "
@@ -147,7 +160,6 @@ def main(
         "chance: guessing among the options; majority: always the most frequent answer. At this size the model "
         "learns the answer format first: the held-out answer loss shows the learning, accuracy near chance is expected."
     )
-    print(f"total time {time.perf_counter() - started:.0f} s; adapter in {root / 'adapter'}")
 
 
 def cli(argv: list[str] | None = None) -> None:

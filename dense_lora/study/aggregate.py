@@ -16,26 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..benchmarks import SHORT_NAMES
 from ..runtime import write_csv_atomic, write_figure_atomic, write_text_atomic
 from .plan import METHODS, METHODS_BY_KEY, Method, Run
 from .runner import BASE, Study
-
-SHORT = {
-    "boolq": "BoolQ",
-    "piqa": "PIQA",
-    "social_i_qa": "SIQA",
-    "hellaswag": "HellaS.",
-    "winogrande": "WinoG.",
-    "ARC-Easy": "ARC-e",
-    "ARC-Challenge": "ARC-c",
-    "openbookqa": "OBQA",
-    "AddSub": "AddSub",
-    "MultiArith": "MultiA.",
-    "SingleEq": "SingleEq",
-    "gsm8k": "GSM8K",
-    "AQuA": "AQuA",
-    "SVAMP": "SVAMP",
-}
 
 
 @dataclass
@@ -188,7 +172,7 @@ def summary_table(
         "Seeds",
         "Held-out loss",
         "Accuracy avg (%)",
-        *[SHORT.get(name, name) for name in datasets],
+        *[SHORT_NAMES.get(name, name) for name in datasets],
     ]
     rows, csv_rows = [], []
     for key, members in by_method(results, family).items():
@@ -339,6 +323,13 @@ def _count_label(value: float, _position: object) -> str:
     return f"{value / 1e6:g}M" if value >= 1e6 else f"{value / 1e3:g}k"
 
 
+FRONTIER_LINES = {
+    "DenseLoRA": ("denselora-r8", "denselora-r16", "denselora-r32", "denselora-r64"),
+    "LoRA": ("lora-r1", "lora-r2", "lora-r8", "lora-r32"),
+}
+FRONTIER_POINTS = ("dora-r2", "vera-r256", "freeze-r128", "onlymatrix-r32")
+
+
 def plot_frontier(
     results: Sequence[RunResult], manifest: dict[str, Any], family: str, metric: str, path: Path
 ) -> bool:
@@ -347,52 +338,75 @@ def plot_frontier(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib import ticker
 
     datasets = slice_names(manifest, family)
     getter = (lambda r: r.mean_loss(datasets)) if metric == "loss" else (lambda r: r.mean_accuracy(datasets))
+    scale = 1 if metric == "loss" else 100
     groups = by_method(results, family)
     figure, axis = plt.subplots(figsize=(7, 4.5))
+    plotted = _plot_methods(axis, groups, getter, scale)
+    _plot_baselines(axis, groups, getter, scale, manifest, family, metric)
+    _style_frontier_axes(axis, family, metric)
+    figure.tight_layout()
+    if plotted:
+        write_figure_atomic(figure, path)
+    plt.close(figure)
+    return plotted
+
+
+def _plot_methods(axis: Any, groups: dict[str, list[RunResult]], getter: Any, scale: float) -> bool:
+    """The rank sweeps as lines with seed error bars, the single variants as squares; False if nothing to draw."""
     plotted = False
-    lines = {
-        "DenseLoRA": ("denselora-r8", "denselora-r16", "denselora-r32", "denselora-r64"),
-        "LoRA": ("lora-r1", "lora-r2", "lora-r8", "lora-r32"),
-    }
-    for name, keys in lines.items():
+    for name, keys in FRONTIER_LINES.items():
         points = [(groups[k][0].trainable, spread(map(getter, groups[k]))) for k in keys if k in groups]
         points = [(x, s) for x, s in points if s.values]
         if points:
             axis.errorbar(
                 [x for x, _ in points],
-                [s.mean * (1 if metric == "loss" else 100) for _, s in points],
-                yerr=[(s.sd or 0) * (1 if metric == "loss" else 100) for _, s in points],
+                [s.mean * scale for _, s in points],
+                yerr=[(s.sd or 0) * scale for _, s in points],
                 marker="o",
                 capsize=3,
                 label=name,
             )
             plotted = True
-    for key in ("dora-r2", "vera-r256", "freeze-r128", "onlymatrix-r32"):
-        if key in groups:
-            value = spread(map(getter, groups[key]))
-            if value.values:
-                axis.scatter(
-                    [groups[key][0].trainable],
-                    [value.mean * (1 if metric == "loss" else 100)],
-                    marker="s",
-                    s=40,
-                    label=METHODS_BY_KEY[key].label,
-                    zorder=3,
-                )
-                plotted = True
+    for key in FRONTIER_POINTS:
+        value = spread(map(getter, groups[key])) if key in groups else None
+        if value is not None and value.values:
+            axis.scatter(
+                [groups[key][0].trainable],
+                [value.mean * scale],
+                marker="s",
+                s=40,
+                label=METHODS_BY_KEY[key].label,
+                zorder=3,
+            )
+            plotted = True
+    return plotted
+
+
+def _plot_baselines(
+    axis: Any,
+    groups: dict[str, list[RunResult]],
+    getter: Any,
+    scale: float,
+    manifest: dict[str, Any],
+    family: str,
+    metric: str,
+) -> None:
+    """The base model as a dashed line; for accuracy also the slices' mean chance and majority-class rates."""
     if BASE in groups and (value := getter(groups[BASE][0])) is not None:
-        axis.axhline(
-            value * (1 if metric == "loss" else 100), color="grey", linestyle="--", label="base model"
-        )
+        axis.axhline(value * scale, color="grey", linestyle="--", label="base model")
     if metric == "accuracy":
         for item, style in (("chance", ":"), ("majority", "-.")):
             average = _mean([entry[item] for entry in manifest["slices"] if entry["family"] == family])
             if average is not None:
                 axis.axhline(average * 100, color="black", linestyle=style, linewidth=0.8, label=item)
+
+
+def _style_frontier_axes(axis: Any, family: str, metric: str) -> None:
+    from matplotlib import ticker
+
     axis.set_xscale("log")
     axis.margins(x=0.1)
     low, high = axis.get_xlim()
@@ -407,11 +421,6 @@ def plot_frontier(
     axis.set_title(f"{family}: {'held-out loss' if metric == 'loss' else 'accuracy'} vs trainable parameters")
     axis.grid(True, which="both", alpha=0.3)
     axis.legend(fontsize=7)
-    figure.tight_layout()
-    if plotted:
-        write_figure_atomic(figure, path)
-    plt.close(figure)
-    return plotted
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -423,49 +432,75 @@ def write_results(study: Study, runs: Sequence[Run], out: Path, environment: dic
     """Tables (md + csv), plots and REPORT.md under `out`; returns the report text."""
     out.mkdir(parents=True, exist_ok=True)
     manifest = _read(study.data_dir / "manifest.json")
-    learning_rates = _read(study.runs_dir / "learning_rates.json") or {}
     results = collect(study, runs)
-    sections = [f"# Replication study: {study.model}, profile `{study.profile.name}`", ""]
+    sections = _report_header(study)
+    for family in study.families:
+        sections += _family_section(results, manifest, family, out)
+    header, rows = runs_table(results, manifest)
+    write_csv_atomic(out / "runs.csv", header, rows)
+    lines = comparison_lines(results, manifest)
+    if lines:
+        sections += ["## Headline contrasts (commonsense)", "", *lines, ""]
+    sections += _sweep_section(_read(study.runs_dir / "learning_rates.json") or {}, out)
+    sections += _slices_section(manifest)
+    sections += ["## Environment", "", "```json", json.dumps(environment, indent=2), "```", ""]
+    text = "\n".join(sections)
+    write_text_atomic(out / "REPORT.md", text)
+    return text
+
+
+def _report_header(study: Study) -> list[str]:
     command = (
         f"python -m dense_lora.study --model {study.model} --devices {study.devices} --profile {study.profile.name} "
         f"--families {','.join(study.families)} --methods {','.join(m.key for m in study.methods)}"
     )
-    sections += [
+    return [
+        f"# Replication study: {study.model}, profile `{study.profile.name}`",
+        "",
         "Generated by `python -m dense_lora.study` from the run folders; see README.md beside it for the",
         "reading of these numbers, and `commands.log` for every command that produced them.",
         "",
         f"Reproduce: `{command}` (resumable; `--report_only` rewrites this report from the runs finished so far).",
         "",
     ]
-    for family in study.families:
-        header, rows, csv_header, csv_rows = summary_table(results, manifest, family)
-        write_csv_atomic(out / f"{family}.csv", csv_header, csv_rows)
-        sections += [
-            f"## {family.capitalize()}: held-out answer loss and accuracy",
-            "",
-            _markdown(header, rows),
-            "",
-        ]
-        for metric in ("loss", "accuracy"):
-            name = f"{family}_{metric}.png"
-            if plot_frontier(results, manifest, family, metric, out / name):
-                sections += [f"![{family} {metric}]({name})", ""]
-    header, rows = runs_table(results, manifest)
-    write_csv_atomic(out / "runs.csv", header, rows)
-    lines = comparison_lines(results, manifest)
-    if lines:
-        sections += ["## Headline contrasts (commonsense)", "", *lines, ""]
+
+
+def _family_section(
+    results: Sequence[RunResult], manifest: dict[str, Any], family: str, out: Path
+) -> list[str]:
+    """One family's table (also as CSV) and its loss and accuracy plots."""
+    header, rows, csv_header, csv_rows = summary_table(results, manifest, family)
+    write_csv_atomic(out / f"{family}.csv", csv_header, csv_rows)
+    section = [
+        f"## {family.capitalize()}: held-out answer loss and accuracy",
+        "",
+        _markdown(header, rows),
+        "",
+    ]
+    for metric in ("loss", "accuracy"):
+        name = f"{family}_{metric}.png"
+        if plot_frontier(results, manifest, family, metric, out / name):
+            section += [f"![{family} {metric}]({name})", ""]
+    return section
+
+
+def _sweep_section(learning_rates: dict[str, Any], out: Path) -> list[str]:
     header, rows = sweep_table(learning_rates)
-    if rows:
-        chosen = ", ".join(f"{k} {v:g}" for k, v in learning_rates.get("chosen", {}).items())
-        sections += [
-            "## Learning-rate sweep (validation answer loss; chosen: " + chosen + ")",
-            "",
-            _markdown(header, rows),
-            "",
-        ]
-        write_csv_atomic(out / "sweep.csv", header, rows)
-    slice_rows = [
+    if not rows:
+        return []
+    write_csv_atomic(out / "sweep.csv", header, rows)
+    chosen = ", ".join(f"{k} {v:g}" for k, v in learning_rates.get("chosen", {}).items())
+    return [
+        "## Learning-rate sweep (validation answer loss; chosen: " + chosen + ")",
+        "",
+        _markdown(header, rows),
+        "",
+    ]
+
+
+def _slices_section(manifest: dict[str, Any]) -> list[str]:
+    """Every test slice with its size, the records dropped as seen in training, and its baselines."""
+    rows = [
         [
             item["family"],
             item["dataset"],
@@ -476,16 +511,5 @@ def write_results(study: Study, runs: Sequence[Run], out: Path, environment: dic
         ]
         for item in manifest["slices"]
     ]
-    sections += [
-        "## Test slices",
-        "",
-        _markdown(
-            ["Family", "Benchmark", "Records", "Dropped (in training data)", "Chance (%)", "Majority (%)"],
-            slice_rows,
-        ),
-        "",
-    ]
-    sections += ["## Environment", "", "```json", json.dumps(environment, indent=2), "```", ""]
-    text = "\n".join(sections)
-    write_text_atomic(out / "REPORT.md", text)
-    return text
+    header = ["Family", "Benchmark", "Records", "Dropped (in training data)", "Chance (%)", "Majority (%)"]
+    return ["## Test slices", "", _markdown(header, rows), ""]
