@@ -25,6 +25,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -68,73 +69,101 @@ def main(
     loaded, tokenizer = load_model(
         model, lora_weights, dtype=dtype, load_8bit=False, load_4bit=False, device=torch.device("cpu")
     )
-    prompts, owners = [], []
-    for name in names:
-        for record in load_test_records(benchmark_test_file(name))[:per_dataset]:
-            prompts.append(generate_eval_prompt(record["instruction"]))
-            owners.append(name)
-
-    def one_by_one(beams: int) -> list[str]:
-        return [
-            generate_with_transformers(
-                loaded, tokenizer, [p], max_new_tokens=max_new_tokens, num_beams=beams
-            )[0]
-            for p in prompts
-        ]
-
-    def fast() -> list[str]:
-        lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
-        out: dict[int, str] = {}
-        for name in names:  # the stop rule depends on the benchmark's extractor
-            mine = [i for i, owner in enumerate(owners) if owner == name]
-            settings = EvalSettings(name, model, None, None, "", dtype, False, False, 1, max_new_tokens,
-                                    batch_size, True, None, "llm-adapters", 0)  # fmt: skip
-            plan = [
-                [mine[j] for j in batch] for batch in plan_batches([lengths[i] for i in mine], batch_size)
-            ]
-            rule = stop_rule("commonsense", name, settings)
-            for batch in generate_planned(
-                loaded, tokenizer, prompts, plan, max_new_tokens=max_new_tokens, is_final=rule
-            ):
-                out.update(batch)
-        return [out[i] for i in range(len(prompts))]
-
-    fast_out, fast_s = _timed(fast)
-    greedy_out, greedy_s = _timed(lambda: one_by_one(1))
-    protocol_out, protocol_s = _timed(lambda: one_by_one(4))
-
-    def predictions(responses: list[str]) -> list[str | float]:
-        return [extract_answer(owner, text) for owner, text in zip(owners, responses, strict=True)]
-
-    n = len(prompts)
-    same_prediction = sum(a == b for a, b in zip(predictions(fast_out), predictions(greedy_out), strict=True))
-    prefix = sum(g.startswith(f) for f, g in zip(fast_out, greedy_out, strict=True))
+    prompts, owners = _prompts(names, per_dataset)
+    settings = dict(model=model, dtype=dtype, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    fast_out, fast_s = _timed(lambda: _decode_fast(loaded, tokenizer, prompts, owners, names, settings))
+    greedy_out, greedy_s = _timed(lambda: _decode_one_by_one(loaded, tokenizer, prompts, max_new_tokens, 1))
+    protocol_out, protocol_s = _timed(
+        lambda: _decode_one_by_one(loaded, tokenizer, prompts, max_new_tokens, 4)
+    )
     summary = {
-        "examples": n,
+        "examples": len(prompts),
         "datasets": names,
         "max_new_tokens": max_new_tokens,
         "batch_size": batch_size,
         "threads": torch.get_num_threads(),
         "dtype": dtype,
+        **_comparison(owners, (fast_out, fast_s), (greedy_out, greedy_s), (protocol_out, protocol_s)),
+        "cpu": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+    }
+    print(json.dumps(summary, indent=2))
+
+
+def _prompts(names: Sequence[str], per_dataset: int) -> tuple[list[str], list[str]]:
+    """The first `per_dataset` test prompts of each benchmark, and the benchmark each belongs to."""
+    prompts, owners = [], []
+    for name in names:
+        for record in load_test_records(benchmark_test_file(name))[:per_dataset]:
+            prompts.append(generate_eval_prompt(record["instruction"]))
+            owners.append(name)
+    return prompts, owners
+
+
+def _decode_one_by_one(
+    model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int, beams: int
+) -> list[str]:
+    """generate() one prompt at a time: the protocol (4 beams) or batch-1 greedy decoding (1 beam)."""
+    return [
+        generate_with_transformers(model, tokenizer, [p], max_new_tokens=max_new_tokens, num_beams=beams)[0]
+        for p in prompts
+    ]
+
+
+def _decode_fast(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    owners: Sequence[str],
+    names: Sequence[str],
+    settings: dict,
+) -> list[str]:
+    """The evaluator's path: length-planned batches, the shared-prefix decoder and each benchmark's stop rule."""
+    lengths = [len(ids) for ids in tokenizer(list(prompts))["input_ids"]]
+    batch_size, max_new_tokens = settings["batch_size"], settings["max_new_tokens"]
+    out: dict[int, str] = {}
+    for name in names:  # the stop rule depends on the benchmark's extractor
+        mine = [i for i, owner in enumerate(owners) if owner == name]
+        eval_settings = EvalSettings(name, settings["model"], None, None, "", settings["dtype"], False, False, 1,
+                                     max_new_tokens, batch_size, True, None, "llm-adapters", 0)  # fmt: skip
+        plan = [[mine[j] for j in batch] for batch in plan_batches([lengths[i] for i in mine], batch_size)]
+        rule = stop_rule("commonsense", name, eval_settings)
+        for batch in generate_planned(
+            model, tokenizer, prompts, plan, max_new_tokens=max_new_tokens, is_final=rule
+        ):
+            out.update(batch)
+    return [out[i] for i in range(len(prompts))]
+
+
+def _comparison(
+    owners: Sequence[str],
+    fast: tuple[list[str], float],
+    greedy: tuple[list[str], float],
+    protocol: tuple[list[str], float],
+) -> dict[str, float]:
+    """Examples/s of each decode, speedups, and how often the fast path's answers equal batch-1 greedy's."""
+    (fast_out, fast_s), (greedy_out, greedy_s), (protocol_out, protocol_s) = fast, greedy, protocol
+    n = len(owners)
+
+    def predictions(responses: list[str]) -> list[str | float]:
+        return [extract_answer(owner, text) for owner, text in zip(owners, responses, strict=True)]
+
+    def agree_pct(a: list[str], b: list[str]) -> float:
+        return round(100 * sum(x == y for x, y in zip(predictions(a), predictions(b), strict=True)) / n, 2)
+
+    prefix = sum(g.startswith(f) for f, g in zip(fast_out, greedy_out, strict=True))
+    return {
         "protocol_examples_per_s": round(n / protocol_s, 4),
         "batch1_greedy_examples_per_s": round(n / greedy_s, 4),
         "fast_examples_per_s": round(n / fast_s, 4),
         "speedup_vs_protocol": round(protocol_s / fast_s, 2),
         "speedup_vs_batch1_greedy": round(greedy_s / fast_s, 2),
-        "fast_equal_to_batch1_greedy_predictions_pct": round(100 * same_prediction / n, 2),
+        "fast_equal_to_batch1_greedy_predictions_pct": agree_pct(fast_out, greedy_out),
         "fast_response_prefix_of_batch1_pct": round(100 * prefix / n, 2),
-        "protocol_equal_to_batch1_greedy_predictions_pct": round(
-            100
-            * sum(a == b for a, b in zip(predictions(protocol_out), predictions(greedy_out), strict=True))
-            / n,
-            2,
-        ),
+        "protocol_equal_to_batch1_greedy_predictions_pct": agree_pct(protocol_out, greedy_out),
         "mean_fast_response_chars": round(sum(map(len, fast_out)) / n, 1),
         "mean_batch1_response_chars": round(sum(map(len, greedy_out)) / n, 1),
-        "cpu": platform.processor() or platform.machine(),
-        "torch": torch.__version__,
     }
-    print(json.dumps(summary, indent=2))
 
 
 FLAG_HELP = {

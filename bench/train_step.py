@@ -331,6 +331,45 @@ class ModuleTracker:
             handle.remove()
 
 
+class SavedTensorRecorder:
+    """saved_tensors_hooks that record every storage autograd keeps, once, parameters and buffers excluded."""
+
+    def __init__(self, model: nn.Module, settings: Settings) -> None:
+        self.resident = {_storage_key(t) for t in (*model.parameters(), *model.buffers())}
+        self.settings = settings
+        self.storages: dict[tuple[str, int], SavedTensor] = {}
+        self.packed: list[tuple[torch.Tensor, tuple[str, int] | None]] = []
+        self.probe: list[int] = []
+        self.tracker = ModuleTracker(model)
+        # Undeduplicated sums, only to compare with counts made that way (see README, "validation").
+        self.naive = {"per_save_tensor_bytes": 0, "per_save_storage_bytes": 0, "including_parameters": 0}
+
+    def pack(self, tensor: torch.Tensor) -> int:
+        key = _storage_key(tensor)
+        self.naive["including_parameters"] += tensor.numel() * tensor.element_size()
+        if key in self.resident:
+            self.packed.append((tensor, None))
+            return len(self.packed) - 1
+        self.naive["per_save_tensor_bytes"] += tensor.numel() * tensor.element_size()
+        self.naive["per_save_storage_bytes"] += tensor.untyped_storage().nbytes()
+        self.packed.append((tensor, key))
+        if key not in self.storages:
+            shape = list(tensor.shape)
+            self.storages[key] = SavedTensor(
+                nbytes=tensor.untyped_storage().nbytes(),
+                shape=shape,
+                dtype=str(tensor.dtype).removeprefix("torch."),
+                module=self.tracker.current,
+                # heuristic: activations have a token-count or sequence-length dimension, weights do not
+                token_shaped=bool(shape) and (shape[0] == self.settings.tokens or self.settings.seq in shape),
+            )
+        return len(self.packed) - 1
+
+    def unpack(self, index: int) -> torch.Tensor:
+        self.probe.append(index)
+        return self.packed[index][0]
+
+
 def measure_saved(
     model: nn.Module, batch: dict[str, torch.Tensor], settings: Settings, method: str, attribute_ops: bool
 ) -> dict[str, Any]:
@@ -340,62 +379,29 @@ def measure_saved(
     which op (node type) holds which storage. That walk is skipped with checkpointing: unpacking a tensor saved
     inside a checkpointed region would trigger its recomputation.
     """
-    resident = {_storage_key(t) for t in (*model.parameters(), *model.buffers())}
-    tokens = settings.tokens
-    storages: dict[tuple[str, int], SavedTensor] = {}
-    packed: list[tuple[torch.Tensor, tuple[str, int] | None]] = []
-    probe: list[int] = []
-    tracker = ModuleTracker(model)
-
-    naive = {"per_save_tensor_bytes": 0, "per_save_storage_bytes": 0, "including_parameters": 0}
-
-    def pack(tensor: torch.Tensor) -> int:
-        key = _storage_key(tensor)
-        # Undeduplicated sums, only to compare with counts made that way (see README, "validation").
-        naive["including_parameters"] += tensor.numel() * tensor.element_size()
-        if key in resident:
-            packed.append((tensor, None))
-        else:
-            naive["per_save_tensor_bytes"] += tensor.numel() * tensor.element_size()
-            naive["per_save_storage_bytes"] += tensor.untyped_storage().nbytes()
-            packed.append((tensor, key))
-            if key not in storages:
-                shape = list(tensor.shape)
-                storages[key] = SavedTensor(
-                    nbytes=tensor.untyped_storage().nbytes(),
-                    shape=shape,
-                    dtype=str(tensor.dtype).removeprefix("torch."),
-                    module=tracker.current,
-                    # heuristic: activations have a token-count or sequence-length dimension, weights do not
-                    token_shaped=bool(shape) and (shape[0] == tokens or settings.seq in shape),
-                )
-        return len(packed) - 1
-
-    def unpack(index: int) -> torch.Tensor:
-        probe.append(index)
-        return packed[index][0]
-
+    recorder = SavedTensorRecorder(model, settings)
     for param in model.parameters():
         param.grad = None
     try:
-        with method_context(method), torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        with method_context(method), torch.autograd.graph.saved_tensors_hooks(recorder.pack, recorder.unpack):
             loss = model(**batch).loss
     finally:
-        tracker.remove()
+        recorder.tracker.remove()
+    storages = recorder.storages
     if attribute_ops and not settings.checkpointing:
-        _attribute_nodes(loss.grad_fn, packed, storages, probe)
+        _attribute_nodes(loss.grad_fn, recorder.packed, storages, recorder.probe)
     with method_context(method):
         loss.backward()  # frees the graph (and checks the step still works under the hooks)
     for param in model.parameters():
         param.grad = None
     total = sum(s.nbytes for s in storages.values())
-    fixed = sum(s.nbytes for s in storages.values() if not s.token_shaped)
+    tokens = settings.tokens
     return {
         "saved_bytes": total,
-        "saved_bytes_fixed": fixed,
+        "saved_bytes_fixed": sum(s.nbytes for s in storages.values() if not s.token_shaped),
         "saved_storages": len(storages),
         "saved_bytes_per_token": total / tokens,
-        "naive_bytes_per_token": {name: value / tokens for name, value in naive.items()},
+        "naive_bytes_per_token": {name: value / tokens for name, value in recorder.naive.items()},
         "tensors": [asdict(s) for s in storages.values()],
     }
 
