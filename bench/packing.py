@@ -74,13 +74,13 @@ def cpu_clocked_trainer(steps: list[tuple[int, float]]) -> type:
     end to ``steps``."""
     from transformers import TrainerCallback
 
-    import dense_lora.train
+    import dense_lora.training.run
 
     class CpuClock(TrainerCallback):
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             steps.append((state.num_input_tokens_seen, time.process_time()))
 
-    class Trainer(dense_lora.train.Trainer):
+    class Trainer(dense_lora.training.run.Trainer):
         def __init__(self, *args: Any, callbacks: list | None = None, **kwargs: Any) -> None:
             super().__init__(*args, callbacks=[*(callbacks or []), CpuClock()], **kwargs)
 
@@ -96,7 +96,7 @@ def one_run(
     data: Path, output_dir: Path, packing: bool, args: argparse.Namespace
 ) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
     """One fine-tuning run: (tokens, wall s) and (tokens, CPU s) of each step after the first."""
-    import dense_lora.train
+    import dense_lora.training.run
     from dense_lora.train import TrainConfig, run
 
     config = TrainConfig(
@@ -112,12 +112,12 @@ def one_run(
         warmup_steps=0,
         cutoff_len=args.cutoff,
         bf16=args.dtype == "bf16",
-        adapter_name=args.method,
+        method=args.method,
         packing=packing,
         overwrite=True,
     )
     clock: list[tuple[int, float]] = []
-    with mock.patch.object(dense_lora.train, "Trainer", cpu_clocked_trainer(clock)):
+    with mock.patch.object(dense_lora.training.run, "Trainer", cpu_clocked_trainer(clock)):
         summary = run(config)
     assert summary["packed"] is packing, "packing was switched off for this model"
     return step_times(output_dir), cpu_step_times(clock)
