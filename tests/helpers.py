@@ -6,11 +6,13 @@ conftest.py.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -98,3 +100,13 @@ def make_tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, **overrid
     torch.manual_seed(seed)
     model = LlamaForCausalLM(tiny_llama_config(**overrides)).to(dtype)
     return model.eval()
+
+
+def load_bench_script(name: str) -> ModuleType:
+    """bench/ is a folder of scripts, not a package: import bench/<name>.py by path (as module bench_<name>)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module

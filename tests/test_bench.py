@@ -6,25 +6,16 @@ and saved-byte orderings, the JSON and markdown written), so the test is stable 
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
-
-BENCH_FILE = Path(__file__).resolve().parents[1] / "bench" / "train_step.py"
+from helpers import load_bench_script
 
 
 def load_bench() -> ModuleType:
-    """bench/ is a folder of scripts, not a package: import the file by path."""
-    spec = importlib.util.spec_from_file_location("bench_train_step", BENCH_FILE)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("train_step")
 
 
 @pytest.fixture(scope="module")

@@ -3,21 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
-from pathlib import Path
 from types import ModuleType
 
-BENCH_FILE = Path(__file__).resolve().parents[1] / "bench" / "packing.py"
+from helpers import load_bench_script
 
 
 def load_bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_packing", BENCH_FILE)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("packing")
 
 
 def test_cpu_step_times_are_differences_of_step_ends() -> None:
