@@ -61,6 +61,19 @@ def finetune(*flags: str, launcher: tuple[str, ...] = ()) -> list[str]:
     return [sys.executable, *launcher, str(REPO / "finetune.py"), *flags]
 
 
+def torchrun(processes: int, port: int) -> tuple[str, ...]:
+    """The launcher of finetune() for `processes` local processes (gloo on CPU) on a port of the test's own."""
+    return ("-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", str(port))
+
+
+def finetune_succeeds(*flags: str, launcher: tuple[str, ...] = ()) -> None:
+    """Run finetune.py to the end in a subprocess; fail the test with its stderr when it does not exit 0."""
+    done = subprocess.run(
+        finetune(*flags, launcher=launcher), capture_output=True, text=True, env=ENV, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 def run_forked_clis(phases: list[dict[str, Any]], timeout: float) -> dict[str, list[float]]:
     """Run every case {name: (script, argv, stderr_path)} of each phase through tests/cli_fork_driver.py.
 

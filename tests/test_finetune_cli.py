@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import ENV, adapter, assert_same_adapter, finetune, run_forked_clis
+from helpers import ENV, adapter, assert_same_adapter, finetune, finetune_succeeds, run_forked_clis, torchrun
 from helpers import tiny_run_flags as cli_flags
 
 from dense_lora.train import INTERRUPTED_EXIT_CODE
@@ -84,23 +84,10 @@ def test_bad_input_is_one_line_and_writes_nothing(case, bad_runs):
 def test_torchrun_two_processes_matches_one_process(tiny_base, train_file, tmp_path):
     """Same global batch (4): 1 process x micro 2 x accumulation 2 == 2 gloo processes x micro 2 x accumulation 1."""
     common = dict(max_steps=3, lora_dropout=0.0)  # dropout masks depend on the process's RNG stream
-    single = subprocess.run(
-        finetune(*cli_flags(tiny_base, train_file, tmp_path / "one", **common)),
-        capture_output=True,
-        text=True,
-        env=ENV,
-        timeout=300,
+    finetune_succeeds(*cli_flags(tiny_base, train_file, tmp_path / "one", **common))
+    finetune_succeeds(
+        *cli_flags(tiny_base, train_file, tmp_path / "two", **common), launcher=torchrun(2, 29517)
     )
-    assert single.returncode == 0, single.stderr[-3000:]
-    launcher = ("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517")
-    ddp = subprocess.run(
-        finetune(*cli_flags(tiny_base, train_file, tmp_path / "two", **common), launcher=launcher),
-        capture_output=True,
-        text=True,
-        env=ENV,
-        timeout=300,
-    )
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert (summary["world_size"], summary["gradient_accumulation_steps"]) == (2, 1)
     assert json.loads((tmp_path / "one" / "summary.json").read_text())["gradient_accumulation_steps"] == 2

@@ -7,13 +7,20 @@ elements than a padded batch, so with dropout the two paths would draw different
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from helpers import ENV, adapter, assert_same_adapter, finetune, make_tiny_llama, read_metrics, small_run
+from helpers import (
+    adapter,
+    assert_same_adapter,
+    finetune_succeeds,
+    make_tiny_llama,
+    read_metrics,
+    small_run,
+    torchrun,
+)
 from helpers import tiny_run_flags as cli_flags
 from peft import get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -185,25 +192,9 @@ def test_ddp_packed_equals_one_process_padded(tiny_base: Path, train_file: Path,
     batch (gathered across processes) in both runs.
     """
     common = dict(max_steps=3, lora_dropout=0.0)
-    single = subprocess.run(
-        finetune(*cli_flags(tiny_base, train_file, tmp_path / "one", packing=False, **common)),
-        capture_output=True,
-        text=True,
-        env=ENV,
-        timeout=300,
-    )
-    assert single.returncode == 0, single.stderr[-3000:]
-    launcher = ("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531")
-    ddp = subprocess.run(
-        finetune(
-            *cli_flags(tiny_base, train_file, tmp_path / "two", packing=True, **common), launcher=launcher
-        ),
-        capture_output=True,
-        text=True,
-        env=ENV,
-        timeout=300,
-    )
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    finetune_succeeds(*cli_flags(tiny_base, train_file, tmp_path / "one", packing=False, **common))
+    two = cli_flags(tiny_base, train_file, tmp_path / "two", packing=True, **common)
+    finetune_succeeds(*two, launcher=torchrun(2, 29531))
     one, two = (json.loads((tmp_path / name / "summary.json").read_text()) for name in ("one", "two"))
     assert (one["packed"], one["world_size"], one["gradient_accumulation_steps"]) == (False, 1, 2)
     assert (two["packed"], two["world_size"], two["gradient_accumulation_steps"]) == (True, 2, 1)
