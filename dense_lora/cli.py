@@ -563,8 +563,10 @@ class StrictArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         known = [option for action in self._actions for option in action.option_strings]
-        unknown = [word for word in message.split() if word.startswith("--")]
-        close = difflib.get_close_matches(unknown[0].split("=")[0], known, n=1) if unknown else []
+        # Only a flag argparse does not know gets a suggestion; "argument --profile: invalid choice" names a known one.
+        words = (word.split("=")[0].rstrip(":,") for word in message.split() if word.startswith("--"))
+        unknown = [word for word in words if word not in known]
+        close = difflib.get_close_matches(unknown[0], known, n=1) if unknown else []
         hint = f"; did you mean {close[0]}?" if close else ""
         print(f"error: {self.prog}: {message}{hint}", file=sys.stderr)
         sys.exit(2)
