@@ -49,7 +49,7 @@ from dense_lora.paper import (
     published_row,
     variant,
 )
-from dense_lora.runtime import DenseLoRAError, file_sha256, write_bytes_atomic
+from dense_lora.runtime import DenseLoRAError, file_sha256, write_bytes_atomic, write_figure_atomic
 
 METHOD_NAMES = {"denselora": "DenseLoRA", "lora": "LoRA", "dora": "DoRA"}
 RUN_CONFIG_FILE = "run_config.json"  # dense_lora.train's names; repeated so a report never imports training
@@ -145,7 +145,7 @@ def plot_curves(curves: Curves, title: str, path: Path) -> Curves:
     for name, line in lines.items():
         drawn[name] = [(float(x), float(y)) for x, y in zip(line.get_xdata(), line.get_ydata(), strict=True)]
     figure.tight_layout()
-    _save_figure(figure, path)
+    write_figure_atomic(figure, path)
     plt.close(figure)
     return Curves(drawn["train_loss"], drawn["eval_loss"], drawn["tokens_per_s"])
 
@@ -636,13 +636,6 @@ def write_csv(runs: list[Run], path: Path) -> None:
     write_bytes_atomic(path, buffer.getvalue().encode())
 
 
-def _save_figure(figure: Any, path: Path) -> None:
-    """Save a matplotlib figure as PNG atomically."""
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=120)
-    write_bytes_atomic(path, buffer.getvalue())
-
-
 def plot(runs: list[Run], path: Path) -> None:
     """Average accuracy vs trainable share (log x); runs without a positive share cannot sit on a log axis."""
     import matplotlib
@@ -672,7 +665,7 @@ def plot(runs: list[Run], path: Path) -> None:
     if axis.get_legend_handles_labels()[0]:
         axis.legend()
     figure.tight_layout()
-    _save_figure(figure, path)
+    write_figure_atomic(figure, path)
     plt.close(figure)
 
 

@@ -19,7 +19,7 @@ from typing import Any
 from ..benchmarks import SHORT_NAMES
 from ..runtime import write_csv_atomic, write_figure_atomic, write_text_atomic
 from .plan import METHODS, METHODS_BY_KEY, Method, Run
-from .runner import BASE, Study
+from .runner import BASE, Study, read_json
 
 
 @dataclass
@@ -52,16 +52,12 @@ def _mean(values: Sequence[float | None]) -> float | None:
     return None if not values or any(v is None for v in values) else sum(values) / len(values)  # type: ignore[arg-type]
 
 
-def _read(path: Path) -> Any:
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
 def load_result(folder: Path, family: str, method: Method | None, run: Run | None) -> RunResult | None:
     """The measurements of one run folder (None while it has no held-out loss yet)."""
-    heldout = _read(folder / "heldout.json")
+    heldout = read_json(folder / "heldout.json")
     if heldout is None:
         return None
-    summary = _read(folder / "summary.json") or {}
+    summary = read_json(folder / "summary.json") or {}
     losses = heldout["losses"]
     result = RunResult(
         family=family,
@@ -78,7 +74,7 @@ def load_result(folder: Path, family: str, method: Method | None, run: Run | Non
         steps=summary.get("global_step"),
     )
     for file in sorted((folder / "eval").glob("*.json")):
-        payload = _read(file)
+        payload = read_json(file)
         if isinstance(payload, dict) and "accuracy" in payload and "dataset" in payload:
             result.accuracy[payload["dataset"]] = float(payload["accuracy"])
     return result
@@ -431,7 +427,7 @@ def _style_frontier_axes(axis: Any, family: str, metric: str) -> None:
 def write_results(study: Study, runs: Sequence[Run], out: Path, environment: dict[str, Any]) -> str:
     """Tables (md + csv), plots and REPORT.md under `out`; returns the report text."""
     out.mkdir(parents=True, exist_ok=True)
-    manifest = _read(study.data_dir / "manifest.json")
+    manifest = read_json(study.data_dir / "manifest.json")
     results = collect(study, runs)
     sections = _report_header(study)
     for family in study.families:
@@ -441,7 +437,7 @@ def write_results(study: Study, runs: Sequence[Run], out: Path, environment: dic
     lines = comparison_lines(results, manifest)
     if lines:
         sections += ["## Headline contrasts (commonsense)", "", *lines, ""]
-    sections += _sweep_section(_read(study.runs_dir / "learning_rates.json") or {}, out)
+    sections += _sweep_section(read_json(study.runs_dir / "learning_rates.json") or {}, out)
     sections += _slices_section(manifest)
     sections += ["## Environment", "", "```json", json.dumps(environment, indent=2), "```", ""]
     text = "\n".join(sections)

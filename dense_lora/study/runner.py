@@ -109,7 +109,8 @@ def _write_json(path: Path, payload: Any) -> None:
     write_json_atomic(path, payload)
 
 
-def _read_json(path: Path) -> Any:
+def read_json(path: Path) -> Any:
+    """A JSON file's content, or None when the file is not there yet (a phase not run)."""
     return json.loads(path.read_text()) if path.is_file() else None
 
 
@@ -127,7 +128,7 @@ def prepare_data(study: Study) -> dict[str, Any]:
     profile = study.profile
     settings = {"profile": profile.name, "families": list(study.families)}
     manifest_file = study.data_dir / "manifest.json"
-    manifest = _read_json(manifest_file)
+    manifest = read_json(manifest_file)
     if manifest and manifest.get("settings") == settings:
         return manifest
     manifest = {"settings": settings, "training": {}, "slices": []}
@@ -154,7 +155,7 @@ def _accuracy_limit(profile: Profile, family: str) -> int | None:
 
 
 def is_trained(run_dir: Path) -> bool:
-    summary = _read_json(run_dir / "summary.json")
+    summary = read_json(run_dir / "summary.json")
     return bool(summary) and summary.get("status") == "completed"
 
 
@@ -179,7 +180,7 @@ def heldout_sets(study: Study, family: str, test: bool) -> dict[str, list[dict[s
     """The records each loss is computed on: the validation set, and (for reported runs) each test slice."""
     sets = {"validation": load_records(study.data_dir / f"validation_{family}.json")}
     if test:
-        manifest = _read_json(study.data_dir / "manifest.json")
+        manifest = read_json(study.data_dir / "manifest.json")
         for item in manifest["slices"]:
             if item["family"] == family:
                 file = study.heldout_root / "dataset" / item["dataset"] / "test.json"
@@ -202,7 +203,7 @@ def evaluate_heldout(study: Study, targets: Sequence[tuple[Path, str, bool]]) ->
     for folder, family, test in targets:
         sets = heldout_sets(study, family, test)
         key = _fingerprint({name: [r["instruction"] for r in records] for name, records in sets.items()})
-        previous = _read_json(folder / "heldout.json")
+        previous = read_json(folder / "heldout.json")
         if not previous or previous.get("sets_fingerprint") != key:
             pending.append((folder, sets, key))
     if not pending:
@@ -236,7 +237,7 @@ def evaluate_heldout(study: Study, targets: Sequence[tuple[Path, str, bool]]) ->
 
 def evaluate_accuracy(study: Study, folder: Path, family: str) -> None:
     """Score the test slices with the evaluation CLI (which resumes by itself)."""
-    manifest = _read_json(study.data_dir / "manifest.json") or {"slices": []}
+    manifest = read_json(study.data_dir / "manifest.json") or {"slices": []}
     datasets = [item["dataset"] for item in manifest["slices"] if item["family"] == family]
     limit = _accuracy_limit(study.profile, family)
     if not datasets or limit == 0:
@@ -272,7 +273,7 @@ def choose_learning_rates(study: Study) -> tuple[dict[str, float], list[Run]]:
         }, sweep
     losses = {}
     for run in sweep:
-        result = _read_json(study.run_dir(run) / "heldout.json")
+        result = read_json(study.run_dir(run) / "heldout.json")
         if result:
             losses[run.name] = result["losses"]["validation"]["loss"]
     chosen = select_learning_rates(study.profile, losses, sweep)
@@ -282,7 +283,7 @@ def choose_learning_rates(study: Study) -> tuple[dict[str, float], list[Run]]:
 
 def planned_runs(study: Study) -> list[Run]:
     """The reported runs without running anything: the rates chosen by a finished sweep, or the fixed ones."""
-    chosen = (_read_json(study.runs_dir / "learning_rates.json") or {}).get("chosen", {})
+    chosen = (read_json(study.runs_dir / "learning_rates.json") or {}).get("chosen", {})
     return main_runs(study.profile, {**study.profile.fixed_lr, **chosen}, study.families, study.methods)
 
 
