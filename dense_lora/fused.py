@@ -7,8 +7,8 @@ gets only what it cannot cheaply recompute:
 - ``x`` itself (no copy: q/k/v read the same tensor, so it is stored once for the three of them),
 - the two r-dim intermediates ``a = W_e x'`` and ``h = drop(act(a))`` (unscaled: see below),
 - one integer seed: the three dropout masks are regenerated from it in backward instead of being stored. They come
-  from ``random_`` bits compared with a threshold (``SeededDropout``), a few ns per element where ``bernoulli_``
-  costs ~14 on CPU, so drawing them twice costs less than packing and unpacking stored bits; masks are 0/1 and
+  from 16 random bits per element held against a threshold (``SeededDropout``), about 1 ns per element where
+  ``bernoulli_`` costs ~14 on CPU, so drawing them twice costs less than storing them; masks are 0/1 and
   the ``1 / (1 - p)`` factors live in the weight-sized encoder and decoder product and the output scale.
 
 ``W_d M`` is formed once per call in the weights' float32 (a weight-sized product), so the token-sized work is two
@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from contextlib import nullcontext
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -57,40 +58,54 @@ class SeededDropout:
     """Dropout whose masks come from a private generator: the same seed replays the same masks, in order.
 
     The fused path draws masks for x, the encoder output and the decoder output in forward, and draws them again
-    in backward from the same seed instead of storing them. Why this generator: ``bernoulli_`` on CPU costs
-    ~14 ns per element (it made dropout 0.05 nearly double DenseLoRA's step), while ``random_`` over the full
-    64-bit range fills 8 random bytes in a few ns. Each element gets 16 of those bits as a uniform int16 ``u``
-    and is kept when ``u >= threshold``; the comparison writes the 0/1 mask straight into the compute dtype (a
-    bool mask converted afterwards costs more than the draw). So the realised probability is ``p`` rounded to a
-    multiple of 2^-16 (0.05 -> 0.0500031), and ``scale`` is ``1 / (1 - realised p)``, which keeps the expectation
-    exact. Masks are deterministic for a seed on a device, whatever the thread count.
+    in backward from the same seed instead of storing them, so drawing must be cheap. Each element gets 16 random
+    bits as a uniform int16 ``u`` and is kept when ``u >= threshold``; the realised probability is therefore ``p``
+    rounded to a multiple of 2^-16 (0.05 -> 0.0500031), and ``scale`` is ``1 / (1 - realised p)``, which keeps
+    the expectation exact. Masks are deterministic for a seed on a device type, whatever the thread count.
+
+    Why this generator and this comparison (on CPU, per mask element; they made dropout 0.05 nearly double the
+    fused step): ``bernoulli_`` costs ~14 ns; torch's CPU generator (mt19937) fills 16 bits in ~1 ns, numpy's
+    SFC64 in ~0.5 ns, so CPU masks come from SFC64 (other devices keep torch's generator, Philox on CUDA). A
+    comparison into the compute dtype costs ~1.5 ns, while clamping ``u`` to ``[threshold - 1, threshold]`` and
+    subtracting ``threshold - 1`` (int16, vectorised) gives the same 0/1 mask for ~0.1 ns before one cast.
     """
 
     def __init__(self, seed: int, p: float, device: torch.device) -> None:
         self.threshold = round(p * 2**16) - 2**15  # P(int16 u < threshold) = realised p
         self.p = (self.threshold + 2**15) / 2**16
         self.scale = 1.0 / (1.0 - self.p)
-        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.device = torch.device(device)
+        if self.device.type == "cpu":
+            self.bits = np.random.SFC64(seed)
+        else:
+            self.generator = torch.Generator(device=self.device).manual_seed(seed)
 
     def keep(self, like: torch.Tensor) -> torch.Tensor:
         """The next mask: 1 where an element is kept, 0 where dropped, in ``like``'s shape and dtype (unscaled)."""
         return self.keep_many(like.shape, dtype=like.dtype)[0]
 
+    def random_words(self, count: int) -> torch.Tensor:
+        """The next ``count`` 64-bit words of the stream (every bit uniform), as int64 on the device."""
+        if self.device.type == "cpu":
+            return torch.from_numpy(self.bits.random_raw(count).view(np.int64))
+        drawn = torch.empty(count, dtype=torch.int64, device=self.device)
+        return drawn.random_(-(2**63), None, generator=self.generator)  # the full range: all 64 bits
+
     def keep_many(self, *shapes: torch.Size, dtype: torch.dtype) -> list[torch.Tensor]:
         """The next masks for several shapes, the same as ``keep`` called once per shape in order, from one draw.
 
-        Each mask starts on a fresh 64-bit word, as a separate ``keep`` would, so the generator's stream is cut
-        up identically; one ``random_`` and one comparison serve every mask (the fused path needs three per
-        call, and on a few hundred tokens each small kernel costs its fixed overhead, not its elements).
+        Each mask starts on a fresh 64-bit word, as a separate ``keep`` would, so the stream is cut up
+        identically; one draw and one clamp serve every mask (the fused path needs three per call, and on a few
+        hundred tokens each small kernel costs its fixed overhead, not its elements).
         """
         counts = [math.prod(shape) for shape in shapes]
         words = [(count + 3) // 4 for count in counts]
-        drawn = torch.empty(sum(words), dtype=torch.int64, device=self.generator.device)
-        drawn.random_(-(2**63), None, generator=self.generator)  # the full range: all 64 bits uniform
-        uniform = drawn.view(torch.int16)
-        masks = torch.ge(
-            uniform, self.threshold, out=torch.empty(uniform.shape, dtype=dtype, device=drawn.device)
-        )
+        uniform = self.random_words(sum(words)).view(torch.int16)
+        if self.threshold == -(2**15):  # p rounds to 0: every element is kept
+            masks = torch.ones(uniform.shape, dtype=dtype, device=uniform.device)
+        else:  # u clamped to {threshold - 1, threshold}, minus threshold - 1: 1 where u >= threshold, else 0
+            low = self.threshold - 1
+            masks = uniform.clamp_(low, self.threshold).sub_(low).to(dtype)
         out, start = [], 0
         for shape, count, used in zip(shapes, counts, words, strict=True):
             out.append(masks[start : start + count].view(shape))
@@ -106,24 +121,27 @@ class SeededDropout:
 
 
 def _dense_forward(base, weight, bias, x, encoder, middle, decoder, activation, scaling, p, seed):
-    """The forward computation; returns the output and what backward needs (``a``, ``h``).
+    """The forward computation; returns the output and what backward needs (``a``, ``h`` and the two weight-sized
+    operands in the compute dtype, ``c W_e`` and ``c W_d M``, which backward reuses rather than recomputes).
 
     ``base`` is the frozen layer's output, or None when its weight (and bias) are given and the product is done
     here. With dropout, masks are 0/1 and the three ``1 / (1 - p)`` factors are folded where they cost nothing:
     into the encoder and the decoder product (weight-sized) and into the output scale, so the token-sized work
-    per mask is one multiply and ``h`` is kept unscaled.
+    per mask is one multiply (for the output's mask, part of the residual add) and ``h`` is kept unscaled.
     """
     dtype = x.dtype
     flat = x.reshape(-1, x.shape[-1])
     dropout = SeededDropout(seed, p, x.device) if p > 0 else None
     c = dropout.scale if dropout else 1.0
     product = _decoder_product(decoder, middle, dtype, c)
+    encoder = _scaled(encoder, c, dtype)
+    keep_y = None
     if dropout:  # the masks of x, h and y, in that order, from one draw
         rows = flat.shape[0]
         shapes = (flat.shape, (rows, encoder.shape[0]), (rows, product.shape[0]))
         keep_x, keep_h, keep_y = dropout.keep_many(*shapes, dtype=dtype)
         flat = flat * keep_x
-    a = flat @ _scaled(encoder, c, dtype).t()
+    a = flat @ encoder.t()
     act = ACTIVATION_FUNCTIONS[activation]
     h = act(a) if act else a
     if dropout:
@@ -131,21 +149,26 @@ def _dense_forward(base, weight, bias, x, encoder, middle, decoder, activation, 
     z = h @ product.t()
     act_ = _ACTIVATION_INPLACE[activation]
     y = act_(z) if act_ else z
-    if dropout:
-        y.mul_(keep_y)
     if base is None:
-        out = F.linear(x, weight, bias)
-        return out.add_(y.view(out.shape), alpha=scaling * c), a, h
-    return torch.add(base, y.reshape(*base.shape).to(base.dtype), alpha=scaling * c), a, h
+        out = F.linear(x, weight, bias).view(y.shape)
+        if keep_y is None:
+            out.add_(y, alpha=scaling * c)
+        else:  # out += s c (y * k_y) in one pass
+            out.addcmul_(y, keep_y, value=scaling * c)
+        return out.view(*x.shape[:-1], out.shape[-1]), a, h, encoder, product
+    if keep_y is not None:
+        y.mul_(keep_y)
+    out = torch.add(base, y.reshape(*base.shape).to(base.dtype), alpha=scaling * c)
+    return out, a, h, encoder, product
 
 
 class _DenseLoraFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, base, weight, bias, x, encoder, middle, decoder, activation, scaling, p, seed):
-        out, a, h = _dense_forward(
+        out, a, h, scaled_encoder, product = _dense_forward(
             base, weight, bias, x, encoder, middle, decoder, activation, scaling, p, seed
         )
-        ctx.save_for_backward(x, a, h, encoder, middle, decoder, weight)
+        ctx.save_for_backward(x, a, h, encoder, middle, decoder, weight, scaled_encoder, product)
         ctx.activation, ctx.scaling, ctx.p, ctx.seed = activation, scaling, p, seed
         return out
 
@@ -160,8 +183,9 @@ class _DenseLoraFunction(torch.autograd.Function):
     @staticmethod
     def _adapter_backward(ctx, grad_output):
         """Gradients of ``out = base + s c (act(z) * k_y)``, ``z = h (c W_d M)^T``, ``h = act(a) * k_h``,
-        ``a = (x * k_x)(c W_e)^T`` with 0/1 masks ``k`` replayed from the seed and ``c = 1 / (1 - p)``."""
-        x, a, h, encoder, middle, decoder, weight = ctx.saved_tensors
+        ``a = (x * k_x)(c W_e)^T`` with 0/1 masks ``k`` replayed from the seed and ``c = 1 / (1 - p)``; ``c W_e``
+        and ``c W_d M`` in the compute dtype are the ones forward used."""
+        x, a, h, encoder, middle, decoder, weight, scaled_encoder, product = ctx.saved_tensors
         activation, p = ctx.activation, ctx.p
         dtype = x.dtype
         need_x, need_enc, need_mid, need_dec = ctx.needs_input_grad[3:7]
@@ -173,7 +197,6 @@ class _DenseLoraFunction(torch.autograd.Function):
         if dropout:  # replay forward's masks (x, hidden, output) from the same single draw
             keep_x, keep_h, keep_y = dropout.keep_many(flat.shape, a.shape, grad.shape, dtype=dtype)
             grad = grad * keep_y
-        product = _decoder_product(decoder, middle, dtype, c)
         if ACTIVATION_FUNCTIONS[activation]:
             grad = _activation_backward(activation, grad, h @ product.t())
         grad_dec = grad_mid = None
@@ -192,17 +215,16 @@ class _DenseLoraFunction(torch.autograd.Function):
             grad_enc = _scaled(grad_a.t() @ dropped, c, encoder.dtype)
         grad_x = None
         if need_x:
-            encoder = _scaled(encoder, c, dtype)
             if weight is None:
-                grad_x = grad_a @ encoder
+                grad_x = grad_a @ scaled_encoder
                 if dropout:
                     grad_x.mul_(keep_x)
             else:  # the frozen layer's input gradient, with the adapter's accumulated into it in place
                 grad_x = grad_output.reshape(-1, weight.shape[0]) @ weight
                 if dropout:
-                    grad_x.addcmul_(grad_a @ encoder, keep_x)
+                    grad_x.addcmul_(grad_a @ scaled_encoder, keep_x)
                 else:
-                    grad_x.addmm_(grad_a, encoder)
+                    grad_x.addmm_(grad_a, scaled_encoder)
             grad_x = grad_x.reshape(x.shape)
         return grad_x, grad_enc, grad_mid, grad_dec
 
