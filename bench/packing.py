@@ -13,7 +13,9 @@ stretch). The first step of each run (warm-up) is dropped.
     python bench/packing.py --rounds 2 --steps 6                # SmolLM2, bf16, cutoff 256, micro-batch 4
 
 Reported: per variant the median step time and the pooled useful tokens/s (real tokens / time, over every
-measured step), by wall and by CPU time, and packed ÷ padded. Appends a block to bench/RESULTS.md unless --no_results.
+measured step), by wall and by CPU time, and packed ÷ padded; and the padding ceiling, the padded batches' tokens
+÷ their real tokens on the measured steps: the speed-up packing would give if a step's time were proportional to
+its tokens. Appends a block to bench/RESULTS.md unless --no_results.
 """
 
 from __future__ import annotations
@@ -92,10 +94,29 @@ def cpu_step_times(clock: list[tuple[int, float]]) -> list[tuple[int, float]]:
     return [(t1 - t0, c1 - c0) for (t0, c0), (t1, c1) in itertools.pairwise(clock)]
 
 
+def counting_collators(batches: list[tuple[int, int]]):
+    """dense_lora's padded-collator factory, wrapped to append (tokens in the padded batch, real tokens) of each
+    micro-batch it collates to ``batches``: what packing could save on exactly the batches measured."""
+    from dense_lora.data import make_collator
+
+    def make_counting_collator(tokenizer: Any) -> Any:
+        collate = make_collator(tokenizer)
+
+        def counted(features: Any) -> Any:
+            batch = collate(features)
+            batches.append((batch["input_ids"].numel(), int(batch["attention_mask"].sum())))
+            return batch
+
+        return counted
+
+    return make_counting_collator
+
+
 def one_run(
-    data: Path, output_dir: Path, packing: bool, args: argparse.Namespace
+    data: Path, output_dir: Path, packing: bool, args: argparse.Namespace, batches: list[tuple[int, int]]
 ) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
-    """One fine-tuning run: (tokens, wall s) and (tokens, CPU s) of each step after the first."""
+    """One fine-tuning run: (tokens, wall s) and (tokens, CPU s) of each step after the first; a padded run also
+    appends (padded, real) token counts of its micro-batches to ``batches``."""
     import dense_lora.training.run
     from dense_lora.train import TrainConfig, run
 
@@ -117,7 +138,10 @@ def one_run(
         overwrite=True,
     )
     clock: list[tuple[int, float]] = []
-    with mock.patch.object(dense_lora.training.run, "Trainer", cpu_clocked_trainer(clock)):
+    with (
+        mock.patch.object(dense_lora.training.run, "Trainer", cpu_clocked_trainer(clock)),
+        mock.patch.object(dense_lora.training.run, "make_collator", counting_collators(batches)),
+    ):
         summary = run(config)
     assert summary["packed"] is packing, "packing was switched off for this model"
     return step_times(output_dir), cpu_step_times(clock)
@@ -147,19 +171,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     load_start = os.getloadavg()
     times: dict[bool, list[tuple[int, float]]] = {True: [], False: []}
     cpu: dict[bool, list[tuple[int, float]]] = {True: [], False: []}
+    batches: list[tuple[int, int]] = []
     with tempfile.TemporaryDirectory() as tmp:
         data = write_mix(Path(tmp), args.records, args.seed)
         for round_index in range(args.rounds):
             order = (True, False) if round_index % 2 == 0 else (False, True)
             for packing in order:
-                wall, cpu_s = one_run(data, Path(tmp) / f"run-{packing}", packing, args)
+                padded_batches: list[tuple[int, int]] = []
+                wall, cpu_s = one_run(data, Path(tmp) / f"run-{packing}", packing, args, padded_batches)
+                batches += padded_batches[1 : 1 + len(wall)]  # the measured steps (the first is dropped)
                 times[packing] += wall
                 cpu[packing] += cpu_s
                 print(
                     f"[bench] round {round_index} packing={packing}: wall {wall}, cpu {cpu_s}",
                     file=sys.stderr,
                 )
-    report = make_report(argv, args, load_start, times, cpu, torch.get_num_threads())
+    report = make_report(argv, args, load_start, times, cpu, torch.get_num_threads(), batches)
     print(json.dumps(report, indent=1))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -177,8 +204,10 @@ def make_report(
     times: dict[bool, list[tuple[int, float]]],
     cpu: dict[bool, list[tuple[int, float]]],
     threads: int,
+    batches: list[tuple[int, int]],
 ) -> dict[str, Any]:
-    """The JSON report: settings, load, and per variant step counts, median steps and pooled useful tokens/s."""
+    """The JSON report: settings, load, per variant step counts, median steps and pooled useful tokens/s, and the
+    padding ceiling of the measured padded batches (``batches``: (padded tokens, real tokens) per batch)."""
     report: dict[str, Any] = {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "command": "python bench/packing.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
@@ -186,6 +215,7 @@ def make_report(
         "loadavg_start": load_start,
         "loadavg_end": os.getloadavg(),
         "torch_threads": threads,
+        "padding_ceiling": sum(b[0] for b in batches) / sum(b[1] for b in batches),
     }
     for packing, name in ((True, "packed"), (False, "padded")):
         tokens = sum(t for t, _ in times[packing])
@@ -217,6 +247,8 @@ def render(report: dict[str, Any]) -> str:
             f"- command: `{report['command']}`",
             f"- shared machine: load average {report['loadavg_start'][0]:.1f} at start, "
             f"{report['loadavg_end'][0]:.1f} at end; {report['torch_threads']} torch threads; runs interleaved",
+            f"- padding ceiling on the measured batches (padded tokens ÷ real tokens): "
+            f"{report['padding_ceiling']:.2f}×",
             "",
             "| batches | measured steps | median step s | useful tokens/s | × padded | median step CPU s "
             "| useful tokens/CPU s | × padded (CPU) |",

@@ -24,10 +24,26 @@ def test_report_pools_tokens_per_cpu_second_and_renders_both_ratios() -> None:
     args = argparse.Namespace(model="smollm2", method="denselora", dtype="bf16", micro_batch=4, cutoff=256)
     wall = {True: [(300, 30.0), (300, 30.0)], False: [(300, 40.0), (300, 35.0)]}
     cpu = {True: [(300, 2.0), (300, 3.0)], False: [(300, 3.0), (300, 3.0)]}
-    report = bench.make_report(["--steps", "3"], args, (1.0, 1.0, 1.0), wall, cpu, 1)
+    batches = [(512, 400), (256, 200)]  # (padded tokens, real tokens) of the measured padded batches
+    report = bench.make_report(["--steps", "3"], args, (1.0, 1.0, 1.0), wall, cpu, 1, batches)
+    assert report["padding_ceiling"] == 768 / 600
     assert report["packed"]["useful_tokens_per_cpu_s"] == 600 / 5.0
     assert report["padded"]["median_step_cpu_s"] == 3.0
     assert report["packed_over_padded_cpu_s"] == (600 / 5.0) / (600 / 6.0)
     assert report["packed_over_padded"] == (600 / 60.0) / (600 / 75.0)  # wall clock, as before
     text = bench.render(report)
     assert "useful tokens/CPU s" in text and f"**{report['packed_over_padded_cpu_s']:.2f}**" in text
+    assert "(padded tokens ÷ real tokens): 1.28×" in text
+
+
+def test_counting_collator_records_padded_and_real_tokens(smollm2_dir) -> None:
+    """The padded collator's batches are counted as they are collated: rows x padded length, and real tokens."""
+    from transformers import AutoTokenizer
+
+    bench = load_bench()
+    batches: list[tuple[int, int]] = []
+    collate = bench.counting_collators(batches)(AutoTokenizer.from_pretrained(smollm2_dir))
+    features = [{"input_ids": [5, 6, 7], "labels": [5, 6, 7]}, {"input_ids": [8], "labels": [8]}]
+    batch = collate(features)
+    assert batch["input_ids"].shape == (2, 8)  # padded to a multiple of 8, as LLM-Adapters pads
+    assert batches == [(16, 4)]
