@@ -145,19 +145,20 @@ def varlen_sdpa_attention(
     if groups > 1:  # grouped-query attention: each kv head serves `groups` query heads
         key = key.repeat_interleave(groups, dim=1)
         value = value.repeat_interleave(groups, dim=1)
+    # one split per tensor rather than a slice per record: the backward of a split is one concatenation, while
+    # each slice's backward would write its gradient into a zeroed copy of the whole row
+    lengths = [end - start for start, end in segments]
     outputs = [
         torch.nn.functional.scaled_dot_product_attention(
-            query[:, :, start:end],
-            key[:, :, start:end],
-            value[:, :, start:end],
-            dropout_p=dropout if module.training else 0.0,
-            is_causal=True,
-            scale=scaling,
+            q, k, v, dropout_p=dropout if module.training else 0.0, is_causal=True, scale=scaling
         )
-        for start, end in segments
+        for q, k, v in zip(
+            query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2), strict=True
+        )
     ]
-    # (batch, heads, seq, dim) -> (batch, seq, heads, dim), as transformers' attention functions return
-    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+    # (batch, heads, seq, dim) -> (batch, seq, heads, dim), as transformers' attention functions return; the
+    # concatenation is the one copy that makes it contiguous
+    return torch.cat([output.transpose(1, 2) for output in outputs], dim=1), None
 
 
 def _register() -> None:
