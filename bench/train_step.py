@@ -548,6 +548,10 @@ class MethodResult:
     step_cpu_s: list[float] = field(default_factory=list)  # process CPU time of each timed step
     median_cpu_s: float | None = None
     cpu_ratio_to_lora: float | None = None  # the ratio to trust on a shared machine (see timed_step)
+    # median and quartiles over repeats of this step's time over LoRA's step in the same repeat: the machine's
+    # speed drifts between repeats (by up to 30% on a virtual machine), hardly within one
+    paired_ratio_to_lora: float | None = None
+    paired_ratio_quartiles: tuple[float, float] | None = None
     saved_over_frozen_per_token: float | None = None
     saved_over_frozen_ratio_to_lora: float | None = None
     peak_mib: float | None = None
@@ -676,6 +680,16 @@ def measure_peak_memory(
             results[method].peak_mib = results[method].step_peak_mib = None
 
 
+def paired_ratios(times: list[float], baseline: list[float]) -> tuple[float, tuple[float, float]]:
+    """Median and (first, third) quartile of ``times[i] / baseline[i]``: each repeat's ratio, steps taken
+    back to back."""
+    ratios = [t / b for t, b in zip(times, baseline, strict=True)]
+    if len(ratios) == 1:
+        return ratios[0], (ratios[0], ratios[0])
+    first, _, third = statistics.quantiles(ratios, n=4, method="inclusive")
+    return statistics.median(ratios), (first, third)
+
+
 def add_ratios(results: dict[str, MethodResult]) -> None:
     """Step time (wall and CPU) over LoRA's, and saved bytes over the frozen base's (absolute and × LoRA's)."""
     lora = results.get(BASELINE)
@@ -685,6 +699,10 @@ def add_ratios(results: dict[str, MethodResult]) -> None:
             result.ratio_to_lora = result.median_step_s / lora.median_step_s
         if lora and lora.median_cpu_s and result.median_cpu_s:
             result.cpu_ratio_to_lora = result.median_cpu_s / lora.median_cpu_s
+        if lora and result.step_times_s and len(result.step_times_s) == len(lora.step_times_s):
+            result.paired_ratio_to_lora, result.paired_ratio_quartiles = paired_ratios(
+                result.step_times_s, lora.step_times_s
+            )
         if frozen:
             result.saved_over_frozen_per_token = result.saved_bytes_per_token - frozen.saved_bytes_per_token
     lora_over = lora.saved_over_frozen_per_token if lora else None
@@ -764,6 +782,14 @@ def _fmt(value: float | None, spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
 
+def _paired(result: MethodResult) -> str:
+    """The paired ratio with its interquartile range, e.g. ``1.02 (0.98–1.05)``."""
+    if result.paired_ratio_to_lora is None or result.paired_ratio_quartiles is None:
+        return "–"
+    first, third = result.paired_ratio_quartiles
+    return f"{result.paired_ratio_to_lora:.2f} ({first:.2f}–{third:.2f})"
+
+
 def markdown_rows(settings: Settings, results: list[MethodResult]) -> list[str]:
     rows = []
     for res in results:
@@ -780,6 +806,7 @@ def markdown_rows(settings: Settings, results: list[MethodResult]) -> list[str]:
                     "on" if res.checkpointing else "off",
                     _fmt(res.median_step_s, ".3f"),
                     _fmt(res.ratio_to_lora, ".2f"),
+                    _paired(res),
                     _fmt(res.median_cpu_s, ".3f"),
                     _fmt(res.cpu_ratio_to_lora, ".2f"),
                     f"{res.flops / 1e9:.1f}",
@@ -804,10 +831,10 @@ def markdown_rows(settings: Settings, results: list[MethodResult]) -> list[str]:
 
 
 TABLE_HEADER = (
-    "| method | ckpt | median step s | × LoRA | median CPU s | CPU × LoRA | GFLOP fwd+bwd | saved KiB/token "
-    "| of which fixed MiB | over frozen KiB/token | over frozen × LoRA | peak MiB step / process | tokens/s "
-    "| MFU % | trainable |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    "| method | ckpt | median step s | × LoRA | paired × LoRA (IQR) | median CPU s | CPU × LoRA | GFLOP fwd+bwd "
+    "| saved KiB/token | of which fixed MiB | over frozen KiB/token | over frozen × LoRA | peak MiB step / process "
+    "| tokens/s | MFU % | trainable |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 

@@ -52,6 +52,7 @@ def test_tiny_run_reports_sane_numbers(bench: ModuleType, tmp_path: Path) -> Non
     assert results["denselora"]["trainable_params"] == tiny_lora_params(8, layers=1) + 3 * 5 * 8 * 8
     assert results["dora"]["trainable_params"] > lora["trainable_params"]
     assert lora["ratio_to_lora"] == pytest.approx(1.0)
+    assert lora["paired_ratio_to_lora"] == pytest.approx(1.0)
     for method in ("denselora", "denselora-reference", "lora", "dora"):
         res = results[method]
         assert res["flops"] > frozen["flops"], method  # adapters add matmuls
@@ -67,6 +68,16 @@ def test_tiny_run_reports_sane_numbers(bench: ModuleType, tmp_path: Path) -> Non
         sum(line.startswith(("| denselora", "| lora", "| dora", "| frozen")) for line in text.splitlines())
         == 5
     )
+
+
+def test_paired_ratios_pair_each_repeat(bench: ModuleType) -> None:
+    """Each repeat's step over LoRA's step of the same repeat: a machine that slows down for two repeats moves
+    both methods' times, not their ratio."""
+    times, lora = [1.0, 2.2, 2.0, 1.1, 1.2], [1.0, 2.0, 2.0, 1.0, 1.0]
+    median, (first, third) = bench.paired_ratios(times, lora)
+    assert median == pytest.approx(1.1)
+    assert (first, third) == (pytest.approx(1.0), pytest.approx(1.1))
+    assert bench.paired_ratios([3.0], [2.0]) == (1.5, (1.5, 1.5))
 
 
 def test_saved_bytes_dedupe_storages(bench: ModuleType) -> None:
