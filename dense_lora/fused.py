@@ -9,7 +9,8 @@ gets only what it cannot cheaply recompute:
 - one integer seed: the three dropout masks are regenerated from it in backward instead of being stored. They come
   from 16 random bits per element held against a threshold (``SeededDropout``), about 1 ns per element where
   ``bernoulli_`` costs ~14 on CPU, so drawing them twice costs less than storing them; masks are 0/1 and
-  the ``1 / (1 - p)`` factors live in the weight-sized encoder and decoder product and the output scale.
+  the ``1 / (1 - p)`` factors live in the weight-sized encoder and decoder product and the output scale,
+- two weight-sized tensors, ``c W_e`` and ``c W_d M`` in the compute dtype, so backward does not form them again.
 
 ``W_d M`` is formed once per call in the weights' float32 (a weight-sized product), so the token-sized work is two
 GEMMs forward, like LoRA's; backward recomputes ``z = h (W_d M)^T`` to get the activation's derivative. The
@@ -63,11 +64,11 @@ class SeededDropout:
     rounded to a multiple of 2^-16 (0.05 -> 0.0500031), and ``scale`` is ``1 / (1 - realised p)``, which keeps
     the expectation exact. Masks are deterministic for a seed on a device type, whatever the thread count.
 
-    Why this generator and this comparison (on CPU, per mask element; they made dropout 0.05 nearly double the
-    fused step): ``bernoulli_`` costs ~14 ns; torch's CPU generator (mt19937) fills 16 bits in ~1 ns, numpy's
-    SFC64 in ~0.5 ns, so CPU masks come from SFC64 (other devices keep torch's generator, Philox on CUDA). A
-    comparison into the compute dtype costs ~1.5 ns, while clamping ``u`` to ``[threshold - 1, threshold]`` and
-    subtracting ``threshold - 1`` (int16, vectorised) gives the same 0/1 mask for ~0.1 ns before one cast.
+    Why this generator and this arithmetic (CPU costs per mask element, one thread): ``bernoulli_`` costs ~14 ns;
+    torch's CPU generator (mt19937) fills 16 bits in ~1 ns, numpy's SFC64 in ~0.5 ns, so CPU masks come from
+    SFC64 (other devices keep torch's generator, Philox on CUDA). A comparison written into the compute dtype
+    costs ~1 ns, while clamping ``u`` to ``[threshold - 1, threshold]`` and subtracting ``threshold - 1`` (int16,
+    vectorised) gives the same 0/1 mask for ~0.1 ns, plus ~0.3 ns for the one cast.
     """
 
     def __init__(self, seed: int, p: float, device: torch.device) -> None:
