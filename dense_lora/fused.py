@@ -9,8 +9,7 @@ gets only what it cannot cheaply recompute:
 - one integer seed: the three dropout masks are regenerated from it in backward instead of being stored. They come
   from 16 random bits per element held against a threshold (``SeededDropout``), about 1 ns per element where
   ``bernoulli_`` costs ~14 on CPU, so drawing them twice costs less than storing them; masks are 0/1 and
-  the ``1 / (1 - p)`` factors live in the weight-sized encoder and decoder product and the output scale,
-- two weight-sized tensors, ``c W_e`` and ``c W_d M`` in the compute dtype, so backward does not form them again.
+  the ``1 / (1 - p)`` factors live in the weight-sized encoder and decoder product and the output scale.
 
 ``W_d M`` is formed once per call in the weights' float32 (a weight-sized product), so the token-sized work is two
 GEMMs forward, like LoRA's; backward recomputes ``z = h (W_d M)^T`` to get the activation's derivative. The
@@ -122,8 +121,7 @@ class SeededDropout:
 
 
 def _dense_forward(base, weight, bias, x, encoder, middle, decoder, activation, scaling, p, seed):
-    """The forward computation; returns the output and what backward needs (``a``, ``h`` and the two weight-sized
-    operands in the compute dtype, ``c W_e`` and ``c W_d M``, which backward reuses rather than recomputes).
+    """The forward computation; returns the output and what backward needs (``a``, ``h``).
 
     ``base`` is the frozen layer's output, or None when its weight (and bias) are given and the product is done
     here. With dropout, masks are 0/1 and the three ``1 / (1 - p)`` factors are folded where they cost nothing:
@@ -135,7 +133,7 @@ def _dense_forward(base, weight, bias, x, encoder, middle, decoder, activation, 
     dropout = SeededDropout(seed, p, x.device) if p > 0 else None
     c = dropout.scale if dropout else 1.0
     product = _decoder_product(decoder, middle, dtype, c)
-    encoder = _scaled(encoder, c, dtype)
+    encoder = _scaled(encoder, c, dtype)  # weight-sized, formed again in backward rather than kept
     keep_y = None
     if dropout:  # the masks of x, h and y, in that order, from one draw
         rows = flat.shape[0]
@@ -156,20 +154,19 @@ def _dense_forward(base, weight, bias, x, encoder, middle, decoder, activation, 
             out.add_(y, alpha=scaling * c)
         else:  # out += s c (y * k_y) in one pass
             out.addcmul_(y, keep_y, value=scaling * c)
-        return out.view(*x.shape[:-1], out.shape[-1]), a, h, encoder, product
+        return out.view(*x.shape[:-1], out.shape[-1]), a, h
     if keep_y is not None:
         y.mul_(keep_y)
-    out = torch.add(base, y.reshape(*base.shape).to(base.dtype), alpha=scaling * c)
-    return out, a, h, encoder, product
+    return torch.add(base, y.reshape(*base.shape).to(base.dtype), alpha=scaling * c), a, h
 
 
 class _DenseLoraFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, base, weight, bias, x, encoder, middle, decoder, activation, scaling, p, seed):
-        out, a, h, scaled_encoder, product = _dense_forward(
+        out, a, h = _dense_forward(
             base, weight, bias, x, encoder, middle, decoder, activation, scaling, p, seed
         )
-        ctx.save_for_backward(x, a, h, encoder, middle, decoder, weight, scaled_encoder, product)
+        ctx.save_for_backward(x, a, h, encoder, middle, decoder, weight)
         ctx.activation, ctx.scaling, ctx.p, ctx.seed = activation, scaling, p, seed
         return out
 
@@ -184,9 +181,10 @@ class _DenseLoraFunction(torch.autograd.Function):
     @staticmethod
     def _adapter_backward(ctx, grad_output):
         """Gradients of ``out = base + s c (act(z) * k_y)``, ``z = h (c W_d M)^T``, ``h = act(a) * k_h``,
-        ``a = (x * k_x)(c W_e)^T`` with 0/1 masks ``k`` replayed from the seed and ``c = 1 / (1 - p)``; ``c W_e``
-        and ``c W_d M`` in the compute dtype are the ones forward used."""
-        x, a, h, encoder, middle, decoder, weight, scaled_encoder, product = ctx.saved_tensors
+        ``a = (x * k_x)(c W_e)^T`` with 0/1 masks ``k`` replayed from the seed and ``c = 1 / (1 - p)``. The
+        weight-sized ``c W_e`` and ``c W_d M`` are formed again rather than kept from forward: kept, they would
+        add about 13 MiB on SmolLM2, 0.1x LoRA's activation memory at 256 tokens."""
+        x, a, h, encoder, middle, decoder, weight = ctx.saved_tensors
         activation, p = ctx.activation, ctx.p
         dtype = x.dtype
         need_x, need_enc, need_mid, need_dec = ctx.needs_input_grad[3:7]
@@ -198,6 +196,7 @@ class _DenseLoraFunction(torch.autograd.Function):
         if dropout:  # replay forward's masks (x, hidden, output) from the same single draw
             keep_x, keep_h, keep_y = dropout.keep_many(flat.shape, a.shape, grad.shape, dtype=dtype)
             grad = grad * keep_y
+        product = _decoder_product(decoder, middle, dtype, c)
         if ACTIVATION_FUNCTIONS[activation]:
             grad = _activation_backward(activation, grad, h @ product.t())
         grad_dec = grad_mid = None
@@ -216,6 +215,7 @@ class _DenseLoraFunction(torch.autograd.Function):
             grad_enc = _scaled(grad_a.t() @ dropped, c, encoder.dtype)
         grad_x = None
         if need_x:
+            scaled_encoder = _scaled(encoder, c, dtype)
             if weight is None:
                 grad_x = grad_a @ scaled_encoder
                 if dropout:
