@@ -215,7 +215,7 @@ def make_report(
         "loadavg_start": load_start,
         "loadavg_end": os.getloadavg(),
         "torch_threads": threads,
-        "padding_ceiling": sum(b[0] for b in batches) / sum(b[1] for b in batches),
+        "padding_ceiling": sum(b[0] for b in batches) / sum(b[1] for b in batches) if batches else None,
     }
     for packing, name in ((True, "packed"), (False, "padded")):
         tokens = sum(t for t, _ in times[packing])
@@ -247,8 +247,8 @@ def render(report: dict[str, Any]) -> str:
             f"- command: `{report['command']}`",
             f"- shared machine: load average {report['loadavg_start'][0]:.1f} at start, "
             f"{report['loadavg_end'][0]:.1f} at end; {report['torch_threads']} torch threads; runs interleaved",
-            f"- padding ceiling on the measured batches (padded tokens ÷ real tokens): "
-            f"{report['padding_ceiling']:.2f}×",
+            "- padding ceiling on the measured batches (padded tokens ÷ real tokens): "
+            + ("–" if report.get("padding_ceiling") is None else f"{report['padding_ceiling']:.2f}×"),
             "",
             "| batches | measured steps | median step s | useful tokens/s | × padded | median step CPU s "
             "| useful tokens/CPU s | × padded (CPU) |",
