@@ -83,6 +83,7 @@ class Settings:
     peak_tflops: float = 989.0
     threads: int = 0  # torch CPU threads; 0 keeps torch's default
     dropout: float = 0.05  # adapter dropout of every method: the recipe's (LLM-Adapters trains with 0.05)
+    compile: bool = False  # time torch.compile'd models (FLOPs and saved bytes are still counted eagerly)
 
     @property
     def tokens(self) -> int:
@@ -636,11 +637,18 @@ def time_methods(
     batch: dict[str, torch.Tensor],
     log: Callable[[str], None],
 ) -> None:
-    """Warm up, then time the methods interleaved: one step of each per repeat, in an order rotated by one."""
+    """Warm up, then time the methods interleaved: one step of each per repeat, in an order rotated by one.
+
+    With ``settings.compile`` every model is wrapped by ``torch.compile`` first; compilation happens in the
+    warm-up steps and is logged with its time, not counted in the steps."""
     order = [method for method in settings.methods if method in models]
-    for method in order:  # warm-up: allocator, kernels, lazy inits
+    for method in order:  # warm-up: allocator, kernels, lazy inits (and compilation)
+        if settings.compile:
+            models[method].compile()
+        start = time.perf_counter()
         for _ in range(settings.warmup):
             results[method].loss = train_step(models[method], batch, method)
+        log(f"{method}: {settings.warmup} warm-up steps in {time.perf_counter() - start:.1f} s")
     for repeat in range(settings.repeats):
         shift = repeat % len(order)
         for method in order[shift:] + order[:shift]:
@@ -853,7 +861,7 @@ def render_block(report: dict[str, Any]) -> str:
     block = [
         "",
         f"### {date} — {settings.model}, {settings.dtype}, batch {settings.batch}×{settings.seq}, r={settings.r}, "
-        f"QKVUD, dropout {settings.dropout:g}",
+        f"QKVUD, dropout {settings.dropout:g}" + (", torch.compile" if settings.compile else ""),
         "",
         f"- command: `{report['command']}`",
         f"- machine: {info['cpu']}, {info['cores']} cores ({info['torch_threads']} torch threads)"
@@ -895,6 +903,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--checkpointing", choices=("off", "on", "both"), default="off")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument(
+        "--compile", action="store_true", help="time torch.compile'd models (warm-up compiles)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--dropout",
@@ -945,6 +956,7 @@ def settings_for(args: argparse.Namespace, checkpointing: bool) -> Settings:
         peak_tflops=args.peak_tflops,
         threads=args.threads or 0,
         dropout=args.dropout,
+        compile=args.compile,
     )
 
 
