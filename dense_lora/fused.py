@@ -9,7 +9,8 @@ gets only what it cannot cheaply recompute:
 - one integer seed: the three dropout masks are regenerated from it in backward instead of being stored. They come
   from 16 random bits per element held against a threshold (``SeededDropout``), about 1 ns per element where
   ``bernoulli_`` costs ~14 on CPU, so drawing them twice costs less than storing them; masks are 0/1 and
-  the ``1 / (1 - p)`` factors live in the weight-sized encoder and decoder product and the output scale.
+  the ``1 / (1 - p)`` factors live in the weight-sized encoder and decoder product and the output scale. (Under
+  ``torch.compile`` the masks are drawn in the graph and kept instead: ``StoredDropout``.)
 
 ``W_d M`` is formed once per call in the weights' float32 (a weight-sized product), so the token-sized work is two
 GEMMs forward, like LoRA's; backward recomputes ``z = h (W_d M)^T`` to get the activation's derivative. The
@@ -120,8 +121,35 @@ class SeededDropout:
         return tensor * self.mask(tensor)
 
 
+class StoredDropout:
+    """Dropout for traced runs (``torch.compile``): masks from torch's RNG inside the graph, kept for backward.
+
+    ``SeededDropout`` reads its seed on the host and draws from a host generator, which a compiler cannot trace
+    (one graph break per adapted module). Here the three masks are ``torch.rand(shape) >= p`` drawn in the graph
+    and saved as booleans for backward (``masks``), so the whole step compiles; they cost one byte per element
+    of x, h and y, the memory the seeded path saves. ``scale`` is the exact ``1 / (1 - p)``.
+    """
+
+    def __init__(self, p: float, device: torch.device, masks: list[torch.Tensor] | None = None) -> None:
+        self.p, self.device, self.masks = p, device, masks
+        self.scale = 1.0 / (1.0 - p)
+
+    def keep_many(self, *shapes: torch.Size, dtype: torch.dtype) -> list[torch.Tensor]:
+        """The masks of ``shapes`` (drawn on the first call, the stored ones after), 0/1 in ``dtype``."""
+        if self.masks is None:
+            self.masks = [torch.rand(shape, device=self.device) >= self.p for shape in shapes]
+        return [mask.to(dtype) for mask in self.masks]
+
+
+def _dropout(p: float, seed: int | None, device: torch.device) -> SeededDropout | StoredDropout | None:
+    """The call's dropout: none at p = 0, replayed from ``seed``, or drawn in the graph when there is no seed."""
+    if p == 0:
+        return None
+    return StoredDropout(p, device) if seed is None else SeededDropout(seed, p, device)
+
+
 def _dense_forward(base, weight, bias, x, encoder, middle, decoder, activation, scaling, p, seed):
-    """The forward computation; returns the output and what backward needs (``a``, ``h``).
+    """The forward computation; returns the output and what backward needs (``a``, ``h``, the dropout).
 
     ``base`` is the frozen layer's output, or None when its weight (and bias) are given and the product is done
     here. With dropout, masks are 0/1 and the three ``1 / (1 - p)`` factors are folded where they cost nothing:
@@ -130,7 +158,7 @@ def _dense_forward(base, weight, bias, x, encoder, middle, decoder, activation, 
     """
     dtype = x.dtype
     flat = x.reshape(-1, x.shape[-1])
-    dropout = SeededDropout(seed, p, x.device) if p > 0 else None
+    dropout = _dropout(p, seed, x.device)
     c = dropout.scale if dropout else 1.0
     product = _decoder_product(decoder, middle, dtype, c)
     encoder = _scaled(encoder, c, dtype)  # weight-sized, formed again in backward rather than kept
@@ -154,19 +182,20 @@ def _dense_forward(base, weight, bias, x, encoder, middle, decoder, activation, 
             out.add_(y, alpha=scaling * c)
         else:  # out += s c (y * k_y) in one pass
             out.addcmul_(y, keep_y, value=scaling * c)
-        return out.view(*x.shape[:-1], out.shape[-1]), a, h
+        return out.view(*x.shape[:-1], out.shape[-1]), a, h, dropout
     if keep_y is not None:
         y.mul_(keep_y)
-    return torch.add(base, y.reshape(*base.shape).to(base.dtype), alpha=scaling * c), a, h
+    return torch.add(base, y.reshape(*base.shape).to(base.dtype), alpha=scaling * c), a, h, dropout
 
 
 class _DenseLoraFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, base, weight, bias, x, encoder, middle, decoder, activation, scaling, p, seed):
-        out, a, h = _dense_forward(
+        out, a, h, dropout = _dense_forward(
             base, weight, bias, x, encoder, middle, decoder, activation, scaling, p, seed
         )
-        ctx.save_for_backward(x, a, h, encoder, middle, decoder, weight)
+        stored = dropout.masks if isinstance(dropout, StoredDropout) else []
+        ctx.save_for_backward(x, a, h, encoder, middle, decoder, weight, *stored)
         ctx.activation, ctx.scaling, ctx.p, ctx.seed = activation, scaling, p, seed
         return out
 
@@ -184,16 +213,16 @@ class _DenseLoraFunction(torch.autograd.Function):
         ``a = (x * k_x)(c W_e)^T`` with 0/1 masks ``k`` replayed from the seed and ``c = 1 / (1 - p)``. The
         weight-sized ``c W_e`` and ``c W_d M`` are formed again rather than kept from forward: kept, they would
         add about 13 MiB on SmolLM2, 0.1x LoRA's activation memory at 256 tokens."""
-        x, a, h, encoder, middle, decoder, weight = ctx.saved_tensors
+        x, a, h, encoder, middle, decoder, weight, *stored = ctx.saved_tensors
         activation, p = ctx.activation, ctx.p
         dtype = x.dtype
         need_x, need_enc, need_mid, need_dec = ctx.needs_input_grad[3:7]
         flat = x.reshape(-1, x.shape[-1])
         grad = grad_output.reshape(-1, grad_output.shape[-1]).to(dtype)  # d loss / d y, times 1/(s c)
-        dropout = SeededDropout(ctx.seed, p, x.device) if p > 0 else None
+        dropout = StoredDropout(p, x.device, stored) if stored else _dropout(p, ctx.seed, x.device)
         c = dropout.scale if dropout else 1.0
         scaling = ctx.scaling * c
-        if dropout:  # replay forward's masks (x, hidden, output) from the same single draw
+        if dropout:  # forward's masks (x, hidden, output): replayed from the seed, or the stored ones
             keep_x, keep_h, keep_y = dropout.keep_many(flat.shape, a.shape, grad.shape, dtype=dtype)
             grad = grad * keep_y
         product = _decoder_product(decoder, middle, dtype, c)
@@ -282,7 +311,8 @@ def fused_dense_add(
     adding two input-sized gradients (used when the weight is frozen and already in the compute dtype). The result
     has the base output's dtype. ``p`` is the dropout probability in effect (0 in eval mode). The dropout seed
     comes from torch's CPU RNG when not given, so ``torch.manual_seed`` makes runs reproducible without a device
-    synchronisation.
+    synchronisation; under ``torch.compile`` there is no seed and the masks are drawn in the graph and kept for
+    backward (``StoredDropout``), so the step compiles without graph breaks.
     """
     device_type = x.device.type
     autocast = _autocast_enabled(device_type)
@@ -294,11 +324,11 @@ def fused_dense_add(
             base = None
         else:
             base, weight, bias = base(x), None, None
-    if p > 0 and seed is None:
+    if p > 0 and seed is None and not torch.compiler.is_compiling():
         seed = int(torch.randint(0, 2**62, (1,)).item())
     # without autograd (generation), skip the Function's bookkeeping: it costs as much as the adapter's small GEMMs
     run = _DenseLoraFunction.apply if torch.is_grad_enabled() else lambda *args: _dense_forward(*args)[0]
-    args = (base, weight, bias, x, encoder, middle, decoder, activation, scaling, p, seed or 0)
+    args = (base, weight, bias, x, encoder, middle, decoder, activation, scaling, p, seed)
     if not autocast:
         return run(*args)
     with torch.autocast(device_type, enabled=False):

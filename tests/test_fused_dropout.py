@@ -134,3 +134,50 @@ def test_one_draw_gives_the_masks_of_consecutive_draws() -> None:
     for one, many, shape in zip(separate, together, shapes, strict=True):
         assert many.shape == shape and many.dtype == torch.bfloat16
         assert torch.equal(one, many)
+
+
+def test_traced_path_keeps_masks_and_matches_the_formula(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under torch.compile there is no host seed: masks come from torch.rand in the graph and are kept for
+    backward. Run that path eagerly (is_compiling patched on): values and gradients equal the plain formula fed
+    the same torch.rand draws, and what backward keeps now includes the three boolean masks."""
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    x = torch.randn(2, N // 2, IN, dtype=torch.float64)
+    linear = torch.nn.Linear(IN, OUT, dtype=torch.float64).requires_grad_(False)
+    upstream = torch.randn(2, N // 2, OUT, dtype=torch.float64)
+    p = 0.3
+
+    def run(update):
+        xx = x.clone().requires_grad_()
+        params = weights()
+        torch.manual_seed(17)
+        (update(xx, *params) * upstream).sum().backward()
+        return [xx.grad, *(q.grad for q in params)]
+
+    def replayed_dropout():
+        draws = iter([torch.rand(shape) >= p for shape in ((N, IN), (N, R), (N, OUT))])
+        return lambda t: t * next(draws).view(t.shape).to(t.dtype) / (1 - p)
+
+    fused = run(lambda xx, e, m, d: fused_dense_add(linear, xx, e, m, d, "gelu", 1.5, p))
+    plain = run(lambda xx, e, m, d: linear(xx) + dense_delta(xx, e, m, d, "gelu", replayed_dropout(), 1.5))
+    for got, want in zip(fused, plain, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_training_step_with_dropout_compiles_without_graph_breaks() -> None:
+    """torch.compile traces a DenseLoRA training step with dropout in one graph (the seeded host-side masks would
+    break it once per adapted module), and the compiled step trains every adapter tensor."""
+    torch._dynamo.reset()
+    config = DenseLoraConfig(r=4, lora_dropout=0.1, init_weights=False, init_seed=0)
+    model = get_peft_model(make_tiny_llama(), config).train()
+    ids = torch.arange(3, 23).view(2, 10)
+    explanation = torch._dynamo.explain(model)(input_ids=ids, labels=ids)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(model, backend="aot_eager")
+        loss = compiled(input_ids=ids, labels=ids).loss
+        loss.backward()
+    finally:
+        torch._dynamo.reset()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert torch.isfinite(loss) and grads and all(g is not None and g.abs().sum() > 0 for g in grads)
