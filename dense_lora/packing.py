@@ -98,14 +98,14 @@ def packing_unsupported_reason(model: nn.Module) -> str | None:
     return None
 
 
-def _segments(position_ids: torch.Tensor) -> list[tuple[int, int]] | None:
-    """(start, end) of each record in a single flattened row, or None for an ordinary (unpacked) batch."""
+def _record_lengths(position_ids: torch.Tensor) -> list[int] | None:
+    """The length of each record in a single flattened row, or None for an ordinary (unpacked) batch."""
     if position_ids is None or position_ids.shape[0] != 1:
         return None
     starts = (position_ids[0] == 0).nonzero().flatten().tolist()
     if len(starts) <= 1 or starts[0] != 0:
         return None
-    return list(zip(starts, [*starts[1:], position_ids.shape[1]], strict=True))
+    return [end - start for start, end in zip(starts, [*starts[1:], position_ids.shape[1]], strict=True)]
 
 
 def varlen_sdpa_attention(
@@ -127,9 +127,9 @@ def varlen_sdpa_attention(
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    segments = _segments(kwargs.get("position_ids"))
+    lengths = _record_lengths(kwargs.get("position_ids"))
     sliding = getattr(module, "sliding_window", None) or kwargs.get("sliding_window")
-    if segments is None or sliding or query.shape[2] != key.shape[2]:
+    if lengths is None or sliding or query.shape[2] != key.shape[2]:
         return sdpa_attention_forward(
             module,
             query,
@@ -147,7 +147,6 @@ def varlen_sdpa_attention(
         value = value.repeat_interleave(groups, dim=1)
     # one split per tensor rather than a slice per record: the backward of a split is one concatenation, while
     # each slice's backward would write its gradient into a zeroed copy of the whole row
-    lengths = [end - start for start, end in segments]
     outputs = [
         torch.nn.functional.scaled_dot_product_attention(
             q, k, v, dropout_p=dropout if module.training else 0.0, is_causal=True, scale=scaling
