@@ -50,7 +50,10 @@ import dense_lora  # noqa: E402  (registers the DENSELORA peft type)
 from dense_lora.cli import StrictArgumentParser  # noqa: E402
 from dense_lora.layer import reference_implementation  # noqa: E402
 
-METHODS = ("denselora", "denselora-reference", "lora", "dora", "frozen")
+DEFAULT_METHODS = ("denselora", "denselora-reference", "lora", "dora", "frozen")
+# The paper's "Only Matrix" variant (identity activation) on the fused path: run beside "denselora", it shows
+# what the activation costs, since everything else (GEMMs, dropout, kernels, bookkeeping) is the same.
+METHODS = (*DEFAULT_METHODS, "denselora-only-matrix")
 MODELS = ("tiny", "smollm2", "llama3-8b-shape", "llama2-7b-shape")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 BASELINE = "lora"  # ratios are reported against this method
@@ -71,7 +74,7 @@ class Settings:
     model: str = "tiny"
     r: int = 32
     lora_alpha: float = 64.0
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     dtype: str = "bf16"
     batch: int = 2
     seq: int = 128
@@ -149,13 +152,14 @@ def attach_method(base: nn.Module, method: str, settings: Settings) -> nn.Module
     if method == FROZEN:
         base.enable_input_require_grads()
         return base
-    if method in ("denselora", "denselora-reference"):
+    if method in ("denselora", "denselora-reference", "denselora-only-matrix"):
         config = dense_lora.DenseLoraConfig(
             r=settings.r,
             lora_alpha=settings.lora_alpha,
             target_modules=targets,
             lora_dropout=settings.dropout,
             init_seed=settings.seed,
+            activation="identity" if method == "denselora-only-matrix" else "gelu",
         )
     elif method in ("lora", "dora"):
         config = LoraConfig(
@@ -896,7 +900,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", choices=MODELS, default="tiny")
     parser.add_argument("--r", type=int, default=32)
     parser.add_argument("--lora_alpha", type=float, default=None, help="default 2·r (the paper's setting)")
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {METHODS}")
+    parser.add_argument(
+        "--methods", default=",".join(DEFAULT_METHODS), help=f"comma-separated subset of {METHODS}"
+    )
     parser.add_argument("--dtype", choices=DTYPES, default=None, help="default bf16 (fp32 for --model tiny)")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=128)
@@ -931,14 +937,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--_probe_memory", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--_settings", default=None, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    unknown = sorted(set(method_list(args.methods)) - set(METHODS))
+    if unknown:
+        parser.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+    for flag in ("out", "results"):
+        if getattr(args, flag) is not None and getattr(args, flag).is_dir():
+            parser.error(f"--{flag} {getattr(args, flag)} is a directory; give a file path")
+    return args
+
+
+def method_list(text: str) -> list[str]:
+    """The methods of a comma-separated ``--methods`` value, in order."""
+    return [m.strip() for m in text.split(",") if m.strip()]
 
 
 def settings_for(args: argparse.Namespace, checkpointing: bool) -> Settings:
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = sorted(set(methods) - set(METHODS))
-    if unknown:
-        raise SystemExit(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+    methods = method_list(args.methods)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     return Settings(
         model=args.model,

@@ -39,7 +39,7 @@ def test_tiny_run_reports_sane_numbers(bench: ModuleType, tmp_path: Path) -> Non
     (run,) = report["runs"]
     assert run["settings"]["dtype"] == "fp32" and run["settings"]["checkpointing"] is False
     results = {r["method"]: r for r in run["results"]}
-    assert set(results) == set(bench.METHODS)
+    assert set(results) == set(bench.DEFAULT_METHODS)
 
     for method, res in results.items():
         assert len(res["step_times_s"]) == 1 and 0 < res["median_step_s"] < 60, method
@@ -101,3 +101,42 @@ def test_saved_bytes_dedupe_storages(bench: ModuleType) -> None:
     x_bytes = 2 * 16 * 4 * 4
     # x once (mul's two operands and mm's input are the same storage), 2x once (sin's input); weight excluded
     assert saved["saved_bytes"] == 2 * x_bytes
+
+
+def test_only_matrix_variant_is_denselora_without_the_activation(bench: ModuleType, tmp_path: Path) -> None:
+    """``denselora-only-matrix`` (opt-in) is the same adapter with the identity activation: same parameters, one
+    token-sized matmul less in backward, and it is not among the default methods."""
+    assert "denselora-only-matrix" in bench.METHODS and "denselora-only-matrix" not in bench.DEFAULT_METHODS
+    out = tmp_path / "run.json"
+    argv = ["--model", "tiny", "--r", "8", "--repeats", "1", "--warmup", "0", "--no_memory"]
+    bench.main(
+        [*argv, "--methods", "denselora,denselora-only-matrix,lora", "--out", str(out), "--no_results"]
+    )
+    (run,) = json.loads(out.read_text())["runs"]
+    results = {r["method"]: r for r in run["results"]}
+    gelu, identity, lora = results["denselora"], results["denselora-only-matrix"], results["lora"]
+    assert identity["trainable_params"] == gelu["trainable_params"]
+    # the only matmul the activation adds: backward recomputes the decoder output for the activation's derivative
+    assert lora["flops"] < identity["flops"] < gelu["flops"]
+
+    settings = bench.Settings(model="tiny", r=8, lora_alpha=16, methods=["denselora-only-matrix"])
+    model = bench.attach_method(bench.build_base(settings), "denselora-only-matrix", settings)
+    assert model.peft_config["default"].activation == "identity"
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--methods", "denselora,lorra"], "unknown methods ['lorra']"),
+        (["--results", "."], "--results . is a directory"),
+        (["--out", "."], "--out . is a directory"),
+    ],
+)
+def test_bad_arguments_exit_2_before_any_work(
+    bench: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], message: str
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--model", "tiny", "--repeats", "1", "--no_memory", *extra])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err and "[bench" not in err  # nothing was run
