@@ -61,6 +61,19 @@ def test_run_writes_adapter_metrics_and_summary(trained):
     assert [m["step"] for m in metrics if "eval_loss" in m] == [2, 4, 6]
 
 
+def test_run_folder_holds_no_pickle(trained):
+    """transformers' Trainer pickles its TrainingArguments (training_args.bin) into every save; the harness keeps
+    them as JSON instead. The only torch.save files left are the checkpoints' optimizer, scheduler and RNG states,
+    which resume loads with weights_only=True."""
+    output_dir, _ = trained
+    assert not list(output_dir.rglob("training_args.bin"))
+    for folder in (output_dir, *output_dir.glob("checkpoint-*")):
+        args = json.loads((folder / "training_args.json").read_text())
+        assert args["learning_rate"] > 0 and args["output_dir"] == str(output_dir)
+    pickled = {path.name for path in output_dir.rglob("*") if path.suffix in (".bin", ".pt", ".pth", ".pkl")}
+    assert pickled <= {"optimizer.pt", "scheduler.pt", "rng_state.pth"}
+
+
 def test_final_adapter_is_the_best_checkpoint(trained):
     """load_best_model_at_end works with a DenseLoRA PeftModel: the saved adapter is the lowest-eval-loss one."""
     output_dir, summary = trained

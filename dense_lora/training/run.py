@@ -57,6 +57,7 @@ from .run_dir import (
     resolve_resume,
     tokens_seen_at,
 )
+from .trainer import RecipeTrainer
 
 # Exit status of a run stopped by SIGTERM after saving a checkpoint: EX_TEMPFAIL ("try again later"), so a
 # job wrapper can tell "resume me" (75) from success (0) and from failure (anything else).
@@ -306,7 +307,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
     args = training_arguments(config, state.accumulation, has_validation=state.val_set is not None)
     model, collator = _model(state, tokenizer, args)
     stopper = StopOnSigterm()
-    trainer = Trainer(
+    trainer = RecipeTrainer(
         model=model,
         args=args,
         train_dataset=state.train_set,

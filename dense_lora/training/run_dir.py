@@ -34,6 +34,8 @@ ADAPTER_INIT_DIR = "adapter_init"
 # Where the evaluators write this run's results by default (<output_dir>/eval): owned by the run, so
 # --overwrite removes it with the adapter it scored.
 EVAL_DIR = "eval"
+# The final save's TrainingArguments, as JSON (``trainer.RecipeTrainer``).
+TRAINING_ARGS_FILE = "training_args.json"
 
 
 def checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
@@ -64,6 +66,8 @@ def run_artifacts(output_dir: Path) -> list[Path]:
         "README.md",
         ADAPTER_INIT_DIR,
         EVAL_DIR,
+        TRAINING_ARGS_FILE,
+        "training_args.bin",  # written by earlier versions (transformers' pickle); --overwrite removes it too
     )
     return [output_dir / name for name in names if (output_dir / name).exists()] + [
         path for _, path in checkpoints(output_dir)
