@@ -7,11 +7,16 @@ and saved-byte orderings, the JSON and markdown written), so the test is stable 
 from __future__ import annotations
 
 import json
+import os
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
-from helpers import load_bench_script
+import torch
+from helpers import REPO, load_bench_script
 
 
 def load_bench() -> ModuleType:
@@ -140,3 +145,34 @@ def test_bad_arguments_exit_2_before_any_work(
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err and "[bench" not in err  # nothing was run
+
+
+def test_gpu_plan_is_valid_commands_and_needs_cuda(bench: ModuleType, tmp_path: Path) -> None:
+    """bench/gpu.sh is run only where a GPU is lent, so its plan is checked here: every train_step command parses
+    with the bench's own parser (memory at the recipe's dropout, both checkpointing modes), packing.py knows
+    every flag it is given, and without CUDA the script is one error line and exit 2, nothing written."""
+    script = REPO / "bench" / "gpu.sh"
+    env = {**os.environ, "DRY_RUN": "1", "OUT": str(tmp_path / "gpu")}
+    plan = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, check=True)
+    lines = [shlex.split(line) for line in plan.stdout.splitlines()]
+    steps = [bench.parse_args(words[2:]) for words in lines if words[1] == "bench/train_step.py"]
+    assert [(a.model, a.batch, a.seq, a.checkpointing, a.dropout, a.no_memory) for a in steps] == [
+        ("llama3-8b-shape", 4, 256, "both", 0.05, False),
+        ("llama3-8b-shape", 4, 256, "both", 0.0, True),
+    ]
+    assert all(set(a.methods.split(",")) == {"denselora", "lora", "dora", "frozen"} for a in steps)
+    (packing,) = [words for words in lines if words[1] == "bench/packing.py"]
+    help_text = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "packing.py"), "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert all(word in help_text for word in packing if word.startswith("--"))
+
+    if torch.cuda.is_available():
+        return
+    env.pop("DRY_RUN")
+    refused = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True)
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
+    assert "needs a CUDA device" in refused.stderr and not (tmp_path / "gpu").exists()
