@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU measurements of the performance targets, as one prepared run for a lent device (about 8 minutes on
-# one H100/H200-class card; each command stays far under a 10-minute per-call limit):
+# The GPU measurements of the performance targets, as one prepared run for a lent device (estimated at about 8
+# minutes on one H200-class card, not yet timed; each command is meant to stay under a 10-minute limit):
 #
 #   1. bench/train_step.py at the LLaMA-3-8B shape (random bf16 weights: timing and memory need no checkpoint),
 #      micro-batch 4 × 256, checkpointing off and on, DenseLoRA vs LoRA vs DoRA vs the frozen base, at the
@@ -16,6 +16,10 @@
 #   PACKING=0 REPEATS=5 bash bench/gpu.sh            # step benchmark only, fewer repeats
 #   DRY_RUN=1 bash bench/gpu.sh                      # print the commands and exit
 #   PEAK_TFLOPS=989 (H100/H200 dense bf16, the default), 312 (A100), 71 (RTX 3090); MODEL=llama2-7b-shape
+#
+# Memory: the step benchmark keeps one copy of the 8B weights per method (~15 GiB each, so ~75 GiB for the
+# four methods and the base); on an 80 GB card run the methods in two calls, e.g. METHODS=denselora,lora then
+# METHODS=dora,frozen (ratios are then across processes, less exact).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -25,13 +29,14 @@ PEAK_TFLOPS=${PEAK_TFLOPS:-989}
 REPEATS=${REPEATS:-8}
 WARMUP=${WARMUP:-3}
 PACKING=${PACKING:-1}
+METHODS=${METHODS:-denselora,lora,dora,frozen}
 
 commands=()
 for dropout in 0.05 0; do
   # Peak memory (one fresh process per method and mode) at the recipe's dropout only: it is the run that matters.
   memory=$([ "$dropout" = 0 ] && echo " --no_memory" || true)
   commands+=("python bench/train_step.py --model $MODEL --batch 4 --seq 256 --checkpointing both \
---methods denselora,lora,dora,frozen --dropout $dropout --repeats $REPEATS --warmup $WARMUP \
+--methods $METHODS --dropout $dropout --repeats $REPEATS --warmup $WARMUP \
 --peak_tflops $PEAK_TFLOPS --no_results$memory --out $OUT/step-4x256-d$dropout.json")
 done
 if [ "$PACKING" = 1 ]; then
