@@ -72,8 +72,8 @@ def step_times(output_dir: Path) -> list[tuple[int, float]]:
 
 
 def cpu_clocked_trainer(steps: list[tuple[int, float]]) -> type:
-    """dense_lora.train's Trainer with a callback that appends (tokens seen, process CPU seconds) at every step
-    end to ``steps``."""
+    """The Trainer class dense_lora.train runs (``RecipeTrainer``) with a callback that appends (tokens seen,
+    process CPU seconds) at every step end to ``steps``."""
     from transformers import TrainerCallback
 
     import dense_lora.training.run
@@ -82,7 +82,7 @@ def cpu_clocked_trainer(steps: list[tuple[int, float]]) -> type:
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             steps.append((state.num_input_tokens_seen, time.process_time()))
 
-    class Trainer(dense_lora.training.run.Trainer):
+    class Trainer(dense_lora.training.run.RecipeTrainer):
         def __init__(self, *args: Any, callbacks: list | None = None, **kwargs: Any) -> None:
             super().__init__(*args, callbacks=[*(callbacks or []), CpuClock()], **kwargs)
 
@@ -139,7 +139,7 @@ def one_run(
     )
     clock: list[tuple[int, float]] = []
     with (
-        mock.patch.object(dense_lora.training.run, "Trainer", cpu_clocked_trainer(clock)),
+        mock.patch.object(dense_lora.training.run, "RecipeTrainer", cpu_clocked_trainer(clock)),
         mock.patch.object(dense_lora.training.run, "make_collator", counting_collators(batches)),
     ):
         summary = run(config)

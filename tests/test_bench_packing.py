@@ -1,4 +1,4 @@
-"""bench/packing.py's bookkeeping (no training here: the runs themselves take minutes on SmolLM2)."""
+"""bench/packing.py's bookkeeping; one short run on the tiny LLaMA (the real runs take minutes on SmolLM2)."""
 
 from __future__ import annotations
 
@@ -47,3 +47,18 @@ def test_counting_collator_records_padded_and_real_tokens(smollm2_dir) -> None:
     batch = collate(features)
     assert batch["input_ids"].shape == (2, 8)  # padded to a multiple of 8, as LLM-Adapters pads
     assert batches == [(16, 4)]
+
+
+def test_one_run_clocks_and_counts_the_harness_steps(tiny_base, train_file, tmp_path) -> None:
+    """A padded run of finetune's harness, through the bench's hooks: the CPU clock sees every step (the hook
+    replaces the Trainer class the harness really uses) and every padded micro-batch is counted."""
+    bench = load_bench()
+    args = argparse.Namespace(
+        model=str(tiny_base), method="denselora", dtype="fp32", micro_batch=4, cutoff=64, steps=3
+    )
+    batches: list[tuple[int, int]] = []
+    wall, cpu = bench.one_run(train_file, tmp_path / "run", False, args, batches)
+    assert len(wall) == len(cpu) == 2  # steps after the first
+    assert all(tokens > 0 and seconds > 0 for tokens, seconds in cpu)
+    assert [tokens for tokens, _ in cpu] == [tokens for tokens, _ in wall]
+    assert len(batches) >= 3 and all(padded >= real > 0 for padded, real in batches)
