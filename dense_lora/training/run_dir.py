@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from transformers.trainer import TRAINING_ARGS_NAME
+
 from dense_lora.runtime import file_sha256, is_main_process
 
 from .config import TrainConfig, TrainError, is_int
@@ -67,7 +69,7 @@ def run_artifacts(output_dir: Path) -> list[Path]:
         ADAPTER_INIT_DIR,
         EVAL_DIR,
         TRAINING_ARGS_FILE,
-        "training_args.bin",  # written by earlier versions (transformers' pickle); --overwrite removes it too
+        TRAINING_ARGS_NAME,  # transformers' pickle, written by earlier versions; --overwrite removes it too
     )
     return [output_dir / name for name in names if (output_dir / name).exists()] + [
         path for _, path in checkpoints(output_dir)
