@@ -48,12 +48,14 @@ sys.path.insert(0, str(REPO_ROOT))  # this checkout's dense_lora, from any worki
 
 import dense_lora  # noqa: E402  (registers the DENSELORA peft type)
 from dense_lora.cli import StrictArgumentParser  # noqa: E402
-from dense_lora.layer import reference_implementation  # noqa: E402
+from dense_lora.layer import one_call_per_layer, reference_implementation  # noqa: E402
 
 DEFAULT_METHODS = ("denselora", "denselora-reference", "lora", "dora", "frozen")
 # The paper's "Only Matrix" variant (identity activation) on the fused path: run beside "denselora", it shows
 # what the activation costs, since everything else (GEMMs, dropout, kernels, bookkeeping) is the same.
-METHODS = (*DEFAULT_METHODS, "denselora-only-matrix")
+# "denselora-per-layer" computes q, k and v in three calls instead of one (dense_lora.layer.InputGroup): beside
+# "denselora" at dropout 0, it shows what computing them together saves.
+METHODS = (*DEFAULT_METHODS, "denselora-only-matrix", "denselora-per-layer")
 MODELS = ("tiny", "smollm2", "llama3-8b-shape", "llama2-7b-shape")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 BASELINE = "lora"  # ratios are reported against this method
@@ -152,7 +154,7 @@ def attach_method(base: nn.Module, method: str, settings: Settings) -> nn.Module
     if method == FROZEN:
         base.enable_input_require_grads()
         return base
-    if method in ("denselora", "denselora-reference", "denselora-only-matrix"):
+    if method in ("denselora", "denselora-reference", "denselora-only-matrix", "denselora-per-layer"):
         config = dense_lora.DenseLoraConfig(
             r=settings.r,
             lora_alpha=settings.lora_alpha,
@@ -176,8 +178,13 @@ def attach_method(base: nn.Module, method: str, settings: Settings) -> nn.Module
 
 
 def method_context(method: str) -> contextlib.AbstractContextManager[None]:
-    """The reference variant runs the same DenseLoRA model through the plain formula."""
-    return reference_implementation() if method == "denselora-reference" else contextlib.nullcontext()
+    """The reference variant runs the same DenseLoRA model through the plain formula, the per-layer variant
+    without q/k/v computed together."""
+    if method == "denselora-reference":
+        return reference_implementation()
+    if method == "denselora-per-layer":
+        return one_call_per_layer()
+    return contextlib.nullcontext()
 
 
 def real_token_rows(settings: Settings, vocab_size: int) -> torch.Tensor | None:

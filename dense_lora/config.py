@@ -30,6 +30,9 @@ TARGET_MODULES_BY_MODEL_TYPE = {
     )
 }
 
+# Sibling Linear modules that read one input tensor (the layers compute them in one call: ``layer.InputGroup``).
+SAME_INPUT_MODULES = (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"), ("gate_proj", "up_proj"))
+
 # Fields that decide what an adapter computes: a saved config missing one of them cannot be trusted to mean
 # what it meant at training time, so loading it is refused rather than filled in with today's defaults.
 REQUIRED_SAVED_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "activation", "train_shared")

@@ -8,8 +8,10 @@ and FSDP see each shared tensor exactly once. What a layer owns is its r x r mat
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -20,7 +22,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check
 from torch import nn
 
 from .config import DenseLoraConfig
-from .fused import ACTIVATION_FUNCTIONS, fused_dense_add
+from .fused import ACTIVATION_FUNCTIONS, _autocast_enabled, fused_dense_add, fused_group_add
 
 _reference_only = False
 
@@ -37,6 +39,23 @@ def reference_implementation(enabled: bool = True) -> Iterator[None]:
         yield
     finally:
         _reference_only = previous
+
+
+_one_call_per_layer = False
+
+
+@contextmanager
+def one_call_per_layer(enabled: bool = True) -> Iterator[None]:
+    """Compute every DenseLoRA layer in its own call, never q/k/v together (``InputGroup``).
+
+    For benchmarks and checks: the grouped and the per-layer paths compute the same values and gradients.
+    """
+    global _one_call_per_layer
+    previous, _one_call_per_layer = _one_call_per_layer, enabled
+    try:
+        yield
+    finally:
+        _one_call_per_layer = previous
 
 
 def supported_base_layer_types() -> tuple[type[nn.Module], ...]:
@@ -104,6 +123,70 @@ class SharedWeights:
 
     def get(self, adapter: str, module_type: str) -> tuple[torch.Tensor, torch.Tensor]:
         return self.encoders[adapter][module_type], self.decoders[adapter][module_type]
+
+
+class InputGroup:
+    """Sibling layers that read one input tensor (an attention block's q, k and v): one fused call serves them all.
+
+    The model forms groups from module names known to read the same input (``SAME_INPUT_MODULES``). The first
+    member called with a new ``x`` computes every eligible member's output in one ``fused_group_add`` and returns
+    its own; the others are kept, keyed on that tensor object and its version counter, and handed out when their
+    layers are called with it. A member called with anything else runs alone. Only the no-dropout case groups
+    (eval, generation, ``lora_dropout=0``): with dropout each member draws its own mask of ``x``.
+
+    Which path a call takes depends only on the calls before it in the same forward, so gradient checkpointing's
+    recomputation takes the same paths and saves the same tensors. The one state change, giving up on a group
+    whose members turn out to read different tensors (cross-attention's q against k/v), is made only outside
+    saved-tensor hooks, never inside a checkpointed region whose forward is replayed later.
+    """
+
+    def __init__(self, members: list[Linear]) -> None:
+        self.members = members
+        self.enabled = True
+        self._pending: tuple[weakref.ref, int, bool, dict[int, torch.Tensor]] | None = None
+
+    def __deepcopy__(self, memo: dict) -> InputGroup:
+        return InputGroup(
+            [copy.deepcopy(member, memo) for member in self.members]
+        )  # kept outputs are not copied
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"members": self.members, "enabled": self.enabled, "_pending": None}
+
+    def output(self, member: Linear, x: torch.Tensor, adapter: str) -> torch.Tensor | None:
+        """``member``'s output for ``x``, from the group; None when the member must run alone."""
+        if _one_call_per_layer:
+            return None
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            ref, version, grad_enabled, outputs = pending
+            if ref() is x and version == _version(x) and grad_enabled == torch.is_grad_enabled():
+                out = outputs.pop(id(member), None)
+                if out is not None:
+                    self._pending = pending if outputs else None
+                    return out
+            if outputs and torch._C._autograd._top_saved_tensors_default_hooks(False) is None:
+                self.enabled = False  # kept outputs nobody asked for: these members read different tensors
+        if not self.enabled or not member.groupable(x, adapter):
+            return None
+        members = [m for m in self.members if m is member or m.groupable(x, adapter)]
+        if len(members) < 2:
+            return None
+        outs = fused_group_add(
+            [m.get_base_layer() for m in members],
+            x,
+            *zip(*(m.adapter_weights(adapter, x.device) for m in members), strict=True),
+            member.activation[adapter],
+            [m.scaling[adapter] for m in members],
+        )
+        kept = {id(m): out for m, out in zip(members, outs, strict=True) if m is not member}
+        self._pending = (weakref.ref(x), _version(x), torch.is_grad_enabled(), kept)
+        return outs[members.index(member)]
+
+
+def _version(tensor: torch.Tensor) -> int:
+    """The tensor's version counter (bumped by in-place writes); inference tensors have none."""
+    return -1 if tensor.is_inference() else tensor._version
 
 
 class DenseLoraLayer(BaseTunerLayer):
@@ -176,6 +259,7 @@ class Linear(nn.Module, DenseLoraLayer):
     ) -> None:
         super().__init__()
         DenseLoraLayer.__init__(self, base_layer, module_type, shared)
+        object.__setattr__(self, "input_group", None)  # set by the model; a plain attribute, not a submodule
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config, use_lora, generator)
 
@@ -190,12 +274,41 @@ class Linear(nn.Module, DenseLoraLayer):
         adapters = [a for a in self.active_adapters if a in self.denselora_M or a in self.denselora_A]
         if self.merged or not adapters:
             return self.base_layer(x, *args, **kwargs)
+        if self.input_group is not None and len(adapters) == 1 and not args and not kwargs:
+            out = self.input_group.output(self, x, adapters[0])
+            if out is not None:
+                return out
         # The fused path can run the frozen Linear itself (one input gradient for both); others get its output.
         fuse_base = adapters[0] in self.denselora_M and not _reference_only and not args and not kwargs
         result = self.base_layer if fuse_base else self.base_layer(x, *args, **kwargs)
         for adapter in adapters:
             result = self._add_adapter_update(adapter, x, result)
         return result
+
+    def groupable(self, x: torch.Tensor, adapter: str) -> bool:
+        """Whether this layer's update for ``x`` can be computed with its siblings' (``InputGroup``): a DenseLoRA
+        adapter without dropout in effect over a frozen ``nn.Linear`` in ``x``'s dtype, on the fused path."""
+        if _reference_only or adapter not in self.denselora_M or torch.compiler.is_compiling():
+            return False
+        dropout = self.denselora_dropout[adapter]
+        if isinstance(dropout, nn.Dropout) and dropout.training and dropout.p > 0:
+            return False
+        base = self.get_base_layer()
+        return (
+            type(base) is nn.Linear
+            and not base.weight.requires_grad
+            and (base.bias is None or not base.bias.requires_grad)
+            and base.weight.dtype == x.dtype
+            and base.weight.device == x.device
+            and not _autocast_enabled(x.device.type)
+        )
+
+    def adapter_weights(
+        self, adapter: str, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(W_e, M, W_d) of a DenseLoRA adapter on ``device``."""
+        encoder, decoder = self.shared.get(adapter, self.module_type)
+        return encoder.to(device), self.denselora_M[adapter].to(device), decoder.to(device)
 
     def _mixed_batch_forward(
         self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any

@@ -25,9 +25,10 @@ from peft.tuners.tuners_utils import (
 from peft.utils import AuxiliaryTrainingWrapper, PeftType, register_peft_method
 from torch import nn
 
-from .config import TARGET_MODULES_BY_MODEL_TYPE, DenseLoraConfig
+from .config import SAME_INPUT_MODULES, TARGET_MODULES_BY_MODEL_TYPE, DenseLoraConfig
 from .layer import (
     DenseLoraLayer,
+    InputGroup,
     Linear,
     SharedWeights,
     init_tensor,
@@ -166,6 +167,19 @@ class DenseLoraModel(BaseTuner):
     def inject_adapter(self, *args: Any, **kwargs: Any) -> None:
         super().inject_adapter(*args, **kwargs)
         self._sync_shared_requires_grad()
+        self._form_input_groups()
+
+    def _form_input_groups(self) -> None:
+        """Group the DenseLoRA layers of each parent module that read one input (``SAME_INPUT_MODULES``: q/k/v)."""
+        for parent in self.model.modules():
+            children = dict(parent.named_children())
+            for family in SAME_INPUT_MODULES:
+                members = [children[name] for name in family if isinstance(children.get(name), Linear)]
+                if len({member.in_features for member in members}) != 1:
+                    members = []  # not one input after all
+                group = InputGroup(members) if len(members) > 1 else None
+                for member in members:
+                    object.__setattr__(member, "input_group", group)
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         super().set_adapter(adapter_name, inference_mode=inference_mode)

@@ -129,6 +129,20 @@ def test_only_matrix_variant_is_denselora_without_the_activation(bench: ModuleTy
     assert model.peft_config["default"].activation == "identity"
 
 
+def test_per_layer_variant_computes_q_k_v_in_three_calls(bench: ModuleType, tmp_path: Path) -> None:
+    """``denselora-per-layer`` (opt-in) is the same adapter without the q/k/v group: at dropout 0 the grouped step
+    runs the block-diagonal decoder GEMM (its zero blocks are counted FLOPs), the per-layer one does not."""
+    assert "denselora-per-layer" in bench.METHODS and "denselora-per-layer" not in bench.DEFAULT_METHODS
+    out = tmp_path / "run.json"
+    argv = ["--model", "tiny", "--r", "8", "--repeats", "1", "--warmup", "0", "--no_memory", "--dropout", "0"]
+    bench.main([*argv, "--methods", "denselora,denselora-per-layer", "--out", str(out), "--no_results"])
+    (run,) = json.loads(out.read_text())["runs"]
+    results = {r["method"]: r for r in run["results"]}
+    grouped, per_layer = results["denselora"], results["denselora-per-layer"]
+    assert grouped["trainable_params"] == per_layer["trainable_params"]
+    assert grouped["flops"] > per_layer["flops"]
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [

@@ -1,0 +1,214 @@
+"""q/k/v computed in one call (``InputGroup``, ``fused_group_add``): same values and gradients as one call per layer,
+used only where it is exact (no dropout, one input), and safe under checkpointing, deepcopy and pickling."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+from helpers import make_tiny_llama
+from peft import get_peft_model
+from torch import nn
+
+import dense_lora.fused as fused
+from dense_lora import DEFAULT_TARGET_MODULES, DenseLoraConfig
+from dense_lora.layer import Linear, reference_implementation
+
+
+def config(**overrides) -> DenseLoraConfig:
+    values = dict(
+        r=4, lora_alpha=8, target_modules=list(DEFAULT_TARGET_MODULES), init_weights=False, init_seed=0
+    )
+    values.update(overrides)
+    return DenseLoraConfig(**values)
+
+
+@pytest.fixture
+def group_calls(monkeypatch) -> list[int]:
+    """Counts the grouped computations (one per attention block and forward when q/k/v are grouped)."""
+    calls: list[int] = []
+    original = fused._group_forward
+
+    def counting(*args, **kwargs):
+        calls.append(len(args[1]))  # the number of members
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(fused, "_group_forward", counting)
+    return calls
+
+
+def ungrouped(model: nn.Module) -> nn.Module:
+    for module in model.modules():
+        if isinstance(module, Linear):
+            object.__setattr__(module, "input_group", None)
+    return model
+
+
+def logits_and_grads(model, inputs, **kwargs):
+    model.zero_grad()
+    logits = model(**inputs, **kwargs).logits
+    (logits.float() * torch.linspace(-1, 1, logits.shape[-1])).sum().backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_groups_are_formed_from_q_k_v_only():
+    model = get_peft_model(make_tiny_llama(), config())
+    attention = model.base_model.model.model.layers[0].self_attn
+    group = attention.q_proj.input_group
+    assert group is not None and group.members == [attention.q_proj, attention.k_proj, attention.v_proj]
+    assert attention.k_proj.input_group is group and attention.o_proj is not None
+    mlp = model.base_model.model.model.layers[0].mlp
+    assert mlp.up_proj.input_group is None and mlp.down_proj.input_group is None  # gate_proj is not adapted
+    other_layer = model.base_model.model.model.layers[1].self_attn.q_proj.input_group
+    assert other_layer is not group
+
+
+@pytest.mark.parametrize("activation", ["gelu", "identity"])
+@pytest.mark.parametrize("train_shared", [True, False])
+def test_grouped_equals_one_call_per_layer_and_the_formula(
+    activation, train_shared, tiny_inputs, group_calls
+):
+    base = make_tiny_llama()
+    grouped = get_peft_model(copy.deepcopy(base), config(activation=activation, train_shared=train_shared))
+    solo = ungrouped(
+        get_peft_model(copy.deepcopy(base), config(activation=activation, train_shared=train_shared))
+    )
+    got = logits_and_grads(grouped, tiny_inputs)
+    layers = base.config.num_hidden_layers
+    assert group_calls == [3] * layers  # one call per attention block, for q, k and v
+    want = logits_and_grads(solo, tiny_inputs)
+    with reference_implementation():
+        formula = logits_and_grads(solo, tiny_inputs)
+    assert len(group_calls) == layers  # neither the ungrouped nor the reference model grouped
+    for other in (want, formula):
+        torch.testing.assert_close(got[0], other[0], rtol=1e-5, atol=1e-5)
+        assert got[1].keys() == other[1].keys() and len(got[1]) > 0
+        for name in got[1]:
+            torch.testing.assert_close(got[1][name], other[1][name], rtol=1e-4, atol=1e-5)
+
+
+def test_grouped_bf16_is_as_close_to_fp32_as_one_call_per_layer(tiny_inputs):
+    base = make_tiny_llama()
+    exact = get_peft_model(copy.deepcopy(base), config())
+    grouped = get_peft_model(copy.deepcopy(base).to(torch.bfloat16), config())
+    solo = ungrouped(get_peft_model(copy.deepcopy(base).to(torch.bfloat16), config()))
+    want = logits_and_grads(exact, tiny_inputs)
+    errors = {}
+    for name, model in (("grouped", grouped), ("solo", solo)):
+        got = logits_and_grads(model, tiny_inputs)
+        errors[name] = max(
+            (got[1][k].float() - want[1][k]).norm() / want[1][k].norm() for k in want[1]
+        ).item()
+    assert errors["grouped"] < 1.5 * errors["solo"] + 1e-3, errors
+
+
+def test_gradcheck_of_three_members_with_biases_and_own_scalings():
+    torch.manual_seed(0)
+    dtype = torch.float64
+    outs, r, width = (5, 3, 4), 2, 6
+    bases = [nn.Linear(width, out, bias=i != 1).to(dtype).requires_grad_(False) for i, out in enumerate(outs)]
+    x = torch.randn(2, 3, width, dtype=dtype, requires_grad=True)
+    encoders = [torch.randn(r, width, dtype=dtype, requires_grad=True) for _ in outs]
+    middles = [torch.randn(r, r, dtype=dtype, requires_grad=True) for _ in outs]
+    decoders = [torch.randn(out, r, dtype=dtype, requires_grad=True) for out in outs]
+    scalings = [2.0, 0.5, 1.5]
+
+    def grouped(x, *weights):
+        return tuple(
+            fused.fused_group_add(bases, x, weights[:3], weights[3:6], weights[6:], "gelu", scalings)
+        )
+
+    assert torch.autograd.gradcheck(grouped, (x, *encoders, *middles, *decoders))
+    for i, base in enumerate(bases):  # and each output is that member's own fused update
+        alone = fused.fused_dense_add(base, x, encoders[i], middles[i], decoders[i], "gelu", scalings[i], 0.0)
+        torch.testing.assert_close(grouped(x, *encoders, *middles, *decoders)[i], alone)
+
+
+def test_an_unused_member_output_gets_no_gradient_and_breaks_nothing():
+    torch.manual_seed(0)
+    bases = [nn.Linear(6, 4, bias=False).requires_grad_(False) for _ in range(3)]
+    x = torch.randn(5, 6, requires_grad=True)
+    weights = [torch.randn(2, 6), torch.randn(2, 2), torch.randn(4, 2)]
+    params = [[w.clone().requires_grad_(True) for w in weights] for _ in bases]
+    outs = fused.fused_group_add(bases, x, *zip(*params, strict=True), "gelu", [2.0] * 3)
+    (outs[0].sum() + outs[2].sum()).backward()  # the second member's output is never used
+    assert all(p.grad is None or not p.grad.any() for p in params[1])
+    assert all(p.grad is not None and p.grad.any() for p in params[0] + params[2])
+
+
+def test_dropout_in_training_runs_one_call_per_layer_and_eval_groups(tiny_inputs, group_calls):
+    model = get_peft_model(make_tiny_llama(), config(lora_dropout=0.05)).train()
+    logits_and_grads(model, tiny_inputs)
+    assert group_calls == []  # each layer draws its own mask of x: nothing to share
+    model.eval()
+    with torch.no_grad():
+        model(**tiny_inputs)
+    assert group_calls == [3] * model.config.num_hidden_layers
+
+
+def test_gradient_checkpointing_with_groups_gives_the_same_gradients(tiny_inputs, group_calls):
+    base = make_tiny_llama()
+    plain = get_peft_model(copy.deepcopy(base), config())
+    checkpointed_base = copy.deepcopy(base)
+    checkpointed_base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    checkpointed = get_peft_model(checkpointed_base, config()).train()
+    want = logits_and_grads(plain, tiny_inputs)
+    got = logits_and_grads(checkpointed, tiny_inputs, use_cache=False)
+    layers = base.config.num_hidden_layers
+    assert len(group_calls) == 3 * layers  # plain forward, checkpointed forward, its recomputation
+    for name in want[1]:
+        torch.testing.assert_close(got[1][name], want[1][name], rtol=1e-5, atol=1e-7)
+
+
+class CrossAttention(nn.Module):
+    """q reads one tensor, k and v another: a q/k/v group whose members do not share their input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(8, 8, bias=False) for _ in range(3))
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        return self.q_proj(x) + self.k_proj(memory) * self.v_proj(memory)
+
+
+def test_members_reading_different_tensors_run_alone_and_the_group_stands_down(group_calls):
+    torch.manual_seed(0)
+    base = CrossAttention()
+    grouped = get_peft_model(copy.deepcopy(base), config(target_modules=["q_proj", "k_proj", "v_proj"], r=2))
+    solo = ungrouped(
+        get_peft_model(copy.deepcopy(base), config(target_modules=["q_proj", "k_proj", "v_proj"], r=2))
+    )
+    x, memory = torch.randn(3, 8), torch.randn(3, 8)
+    for _ in range(2):
+        torch.testing.assert_close(grouped(x, memory), solo(x, memory))
+    assert len(group_calls) == 1  # q's first call computed k and v for the wrong tensor; none after that
+    assert grouped.base_model.model.q_proj.input_group.enabled is False
+
+
+def test_in_place_change_of_the_input_is_not_served_stale_outputs():
+    torch.manual_seed(0)
+    model = get_peft_model(
+        CrossAttention(), config(target_modules=["q_proj", "k_proj", "v_proj"], r=2)
+    ).eval()
+    layers = model.base_model.model
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        layers.q_proj(x)  # computes and keeps k's and v's outputs for x
+        x.mul_(2)
+        got = layers.k_proj(x)
+        with reference_implementation():
+            want = layers.k_proj(x)
+    torch.testing.assert_close(got, want)
+
+
+def test_deepcopy_and_pickle_keep_each_copy_grouped_with_its_own_layers(tiny_inputs):
+    model = get_peft_model(make_tiny_llama(), config()).eval()
+    with torch.no_grad():
+        want = model(**tiny_inputs).logits
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        attention = clone.base_model.model.model.layers[0].self_attn
+        assert attention.q_proj.input_group.members == [attention.q_proj, attention.k_proj, attention.v_proj]
+        with torch.no_grad():
+            torch.testing.assert_close(clone(**tiny_inputs).logits, want)
