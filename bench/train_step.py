@@ -258,10 +258,15 @@ def trainable_parameters(model: nn.Module) -> tuple[int, dict[str, int]]:
 
 def count_flops(model: nn.Module, batch: dict[str, torch.Tensor], method: str) -> int:
     """FLOPs of one forward+backward as torch's FlopCounterMode counts them (matmuls and attention; CPU's
-    flash-attention kernel is counted with the same formula as the CUDA one, see ``_cpu_sdpa_mapping``)."""
+    flash-attention kernel is counted with the same formula as the CUDA one, see ``_cpu_sdpa_mapping``; in-place
+    ``addmm_``, which it skips, like ``addmm``)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False, custom_mapping=_cpu_sdpa_mapping()) as counter:
+    def addmm_flops(_, mat1, mat2, *args, out_shape=None, **kwargs) -> int:
+        return 2 * mat1[0] * mat1[1] * mat2[1]  # FlopCounterMode passes shapes, not tensors
+
+    mapping = {**_cpu_sdpa_mapping(), torch.ops.aten.addmm_: addmm_flops}
+    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
         train_step(model, batch, method)
     return int(counter.get_total_flops())
 

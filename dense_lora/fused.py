@@ -260,29 +260,39 @@ class _DenseLoraFunction(torch.autograd.Function):
         return grad_x, grad_enc, grad_mid, grad_dec
 
 
-def _group_forward(x, weights, biases, encoders, middles, decoders, activation, scalings):
-    """The forward computation of sibling layers that read one ``x`` (no dropout); returns the outputs, ``a``, ``h``.
+def _group_forward(x, weights, biases, encoders, middles, decoders, activation, scalings, p, seed):
+    """The forward computation of sibling layers that read one ``x``; returns the outputs, ``a``, ``h``.
 
-    The encoders are stacked into one ``(n r) x in`` GEMM and the decoder products into one block-diagonal
-    ``(sum out) x (n r)`` GEMM, so the n members cost two adapter GEMMs and two activation calls instead of 2n
-    each; on a few hundred tokens those kernels cost their fixed overhead (~25 us each on a 2-core CPU), not their
-    FLOPs. The zero blocks triple the decoder GEMM's FLOPs at n = 3, still a small fraction of the base GEMMs.
-    Each frozen product and its ``s * y`` are one ``addmm`` (``beta = s``).
+    The encoders are stacked into one ``(n r) x in`` GEMM (a batched one with dropout: each member drops its own
+    elements of x) and the decoder products into one block-diagonal ``(sum out) x (n r)`` GEMM, so the n members
+    cost two adapter GEMMs, two activation calls and one mask draw instead of n of each; on a few hundred tokens
+    these kernels cost their fixed overhead (~25 us each on a 2-core CPU), not their FLOPs. The zero blocks
+    triple the decoder GEMM's FLOPs at n = 3, a small fraction of the base GEMMs. Each frozen product and its
+    scaled update are one ``addmm``. ``a`` and ``h`` are ``rows x (n r)``, members side by side.
     """
     dtype = x.dtype
     flat = x.reshape(-1, x.shape[-1])
-    encoder = torch.cat(encoders).to(dtype)
-    product = _block_decoder_product(decoders, middles, dtype)
-    a = flat @ encoder.t()
-    act = ACTIVATION_FUNCTIONS[activation]
+    dropout = _dropout(p, seed, x.device)
+    c = dropout.scale if dropout else 1.0
+    encoder = _scaled(torch.cat(encoders), c, dtype)
+    product = _block_decoder_product(decoders, middles, dtype, c)
+    act, act_ = ACTIVATION_FUNCTIONS[activation], _ACTIVATION_INPLACE[activation]
+    if dropout:
+        keep_x, keep_h, keep_y = _group_masks(dropout, flat, len(weights), encoder, product)
+        a = _batched(flat * keep_x, encoder, len(weights))
+    else:
+        a = flat @ encoder.t()
     h = act(a) if act else a
+    if dropout:
+        h = h.mul_(keep_h) if act else h * keep_h
     z = h @ product.t()
-    act_ = _ACTIVATION_INPLACE[activation]
     y = act_(z) if act_ else z
+    if dropout:
+        y.mul_(keep_y)
     outs, start = [], 0
     for weight, bias, scaling in zip(weights, biases, scalings, strict=True):
         end = start + weight.shape[0]
-        out = torch.addmm(y[:, start:end], flat, weight.t(), beta=scaling)
+        out = torch.addmm(y[:, start:end], flat, weight.t(), beta=scaling * c)
         if bias is not None:
             out.add_(bias)
         outs.append(out.view(*x.shape[:-1], weight.shape[0]))
@@ -290,40 +300,56 @@ def _group_forward(x, weights, biases, encoders, middles, decoders, activation, 
     return outs, a, h
 
 
+def _group_masks(dropout, flat, n, encoder, product):
+    """The masks of one group call: x per member (``n x rows x in``), then the hidden and the output."""
+    rows = flat.shape[0]
+    shapes = ((n, *flat.shape), (rows, encoder.shape[0]), (rows, product.shape[0]))
+    return dropout.keep_many(*shapes, dtype=flat.dtype)
+
+
+def _batched(dropped: torch.Tensor, encoder: torch.Tensor, n: int) -> torch.Tensor:
+    """Member i's ``dropped[i] @ W_e,i^T`` for every i in one batched GEMM, laid out ``rows x (n r)``."""
+    a = torch.bmm(dropped, encoder.view(n, -1, encoder.shape[1]).transpose(1, 2))  # n x rows x r
+    return a.transpose(0, 1).reshape(dropped.shape[1], -1)
+
+
 def _block_decoder_product(
-    decoders: Sequence[torch.Tensor], middles: Sequence[torch.Tensor], dtype: torch.dtype
+    decoders: Sequence[torch.Tensor], middles: Sequence[torch.Tensor], dtype: torch.dtype, c: float = 1.0
 ) -> torch.Tensor:
-    """The members' ``W_d M`` side by side on the diagonal, ``(sum out) x (n r)``, cast once to ``dtype``."""
-    return torch.block_diag(
-        *(decoder @ middle for decoder, middle in zip(decoders, middles, strict=True))
-    ).to(dtype)
+    """c times the members' ``W_d M`` side by side on the diagonal, ``(sum out) x (n r)``, in ``dtype``."""
+    blocks = torch.block_diag(*(decoder @ middle for decoder, middle in zip(decoders, middles, strict=True)))
+    return _scaled(blocks, c, dtype)
 
 
 class _DenseLoraGroupFunction(torch.autograd.Function):
-    """``out_i = W_i x + b_i + s_i act(W_d,i M_i act(W_e,i x))`` for n sibling layers sharing ``x``, no dropout."""
+    """``out_i = W_i x + b_i + s_i drop(act(W_d,i M_i drop(act(W_e,i drop(x)))))`` for n siblings sharing ``x``."""
 
     @staticmethod
-    def forward(ctx, x, activation, scalings, biases, *tensors):
+    def forward(ctx, x, activation, scalings, biases, p, seed, *tensors):
         n = len(scalings)
         weights, encoders, middles, decoders = (tensors[i * n : (i + 1) * n] for i in range(4))
-        outs, a, h = _group_forward(x, weights, biases, encoders, middles, decoders, activation, scalings)
+        outs, a, h = _group_forward(
+            x, weights, biases, encoders, middles, decoders, activation, scalings, p, seed
+        )
         ctx.save_for_backward(x, a, h, *tensors)
-        ctx.activation, ctx.scalings = activation, scalings
+        ctx.activation, ctx.scalings, ctx.p, ctx.seed = activation, scalings, p, seed
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *grad_outputs):
-        with _autocast_disabled(grad_outputs[0].device.type if grad_outputs[0] is not None else "cpu"):
+        device = next(g for g in grad_outputs if g is not None).device
+        with _autocast_disabled(device.type):
             return _DenseLoraGroupFunction._backward(ctx, grad_outputs)
 
     @staticmethod
     def _backward(ctx, grad_outputs):
+        """Member i's gradients are ``_DenseLoraFunction``'s with its own masks; the stacked and block-diagonal
+        products give them all at once, and every input gradient lands in one buffer."""
         x, a, h, *tensors = ctx.saved_tensors
         activation, scalings = ctx.activation, ctx.scalings
         n = len(scalings)
         weights, encoders, middles, decoders = (tensors[i * n : (i + 1) * n] for i in range(4))
-        needs = ctx.needs_input_grad[4:]
-        need_x = ctx.needs_input_grad[0]
+        needs = ctx.needs_input_grad[6:]
         need_enc, need_mid, need_dec = (any(needs[i * n : (i + 1) * n]) for i in (1, 2, 3))
         dtype = x.dtype
         flat = x.reshape(-1, x.shape[-1])
@@ -332,30 +358,31 @@ class _DenseLoraGroupFunction(torch.autograd.Function):
             None if g is None else g.reshape(rows, w.shape[0]).to(dtype)
             for g, w in zip(grad_outputs, weights, strict=True)
         ]
-        grad = torch.cat(
-            [
-                torch.zeros(rows, w.shape[0], dtype=dtype, device=x.device) if g is None else g
-                for g, w in zip(grads, weights, strict=True)
-            ],
-            dim=1,
-        )
-        product = _block_decoder_product(decoders, middles, dtype)
+        zeros = [torch.zeros(rows, w.shape[0], dtype=dtype, device=x.device) for w in weights]
+        grad = torch.cat([z if g is None else g for g, z in zip(grads, zeros, strict=True)], dim=1)
+        dropout = _dropout(ctx.p, ctx.seed, x.device)
+        c = dropout.scale if dropout else 1.0
+        encoder = _scaled(torch.cat(encoders), c, dtype)
+        product = _block_decoder_product(decoders, middles, dtype, c)
+        if dropout:  # forward's masks, replayed from the seed
+            keep_x, keep_h, keep_y = _group_masks(dropout, flat, n, encoder, product)
+            grad.mul_(keep_y)
         if ACTIVATION_FUNCTIONS[activation]:
             grad = _activation_backward(activation, grad, h @ product.t())
-        uniform = all(s == scalings[0] for s in scalings)
-        # s_i per member's r columns: one scalar when the members share it (one adapter config: always)
-        column_scale = (
-            scalings[0]
-            if uniform
-            else torch.tensor(scalings, dtype=dtype, device=x.device).repeat_interleave(r)
-        )
+        # member i's output scale s_i c over its r columns: one scalar when they share s (one adapter: always)
+        scales = [s * c for s in scalings]
+        if all(s == scales[0] for s in scales):
+            column_scale = scales[0]
+        else:
+            column_scale = torch.tensor(scales, dtype=dtype, device=x.device).repeat_interleave(r)
         grad_encs = grad_mids = grad_decs = (None,) * n
         if need_dec or need_mid:
-            outer = grad.t() @ h  # block (i, i) is member i's s^-1 g_i^T h
+            outer = grad.t() @ h  # block (i, i): member i's g_i^T h, before the scale s_i c^2
             blocks, start = [], 0
             for i, weight in enumerate(weights):
                 end = start + weight.shape[0]
-                blocks.append(_scaled(outer[start:end, i * r : (i + 1) * r], scalings[i], middles[i].dtype))
+                block = outer[start:end, i * r : (i + 1) * r]
+                blocks.append(_scaled(block, scales[i] * c, middles[i].dtype))
                 start = end
             grad_decs = tuple(
                 b @ m.t() if needs[3 * n + i] else None
@@ -366,22 +393,30 @@ class _DenseLoraGroupFunction(torch.autograd.Function):
                 for i, (b, d) in enumerate(zip(blocks, decoders, strict=True))
             )
         grad_a = (grad @ product).mul_(column_scale)
+        if dropout:
+            grad_a.mul_(keep_h)
         grad_a = _activation_backward(activation, grad_a, a)
-        encoder = torch.cat(encoders).to(dtype)
+        per_member = grad_a.view(rows, n, r).transpose(0, 1) if dropout else None  # n x rows x r
         if need_enc:
-            stacked = grad_a.t() @ flat
+            if dropout:
+                stacked = torch.bmm(per_member.transpose(1, 2), flat * keep_x).view(n * r, -1)
+            else:
+                stacked = grad_a.t() @ flat
             grad_encs = tuple(
-                stacked[i * r : (i + 1) * r].to(e.dtype) if needs[n + i] else None
+                _scaled(stacked[i * r : (i + 1) * r], c, e.dtype) if needs[n + i] else None
                 for i, e in enumerate(encoders)
             )
         grad_x = None
-        if need_x:
-            grad_x = grad_a @ encoder
+        if ctx.needs_input_grad[0]:
+            if dropout:
+                grad_x = torch.bmm(per_member, encoder.view(n, r, -1)).mul_(keep_x).sum(0)
+            else:
+                grad_x = grad_a @ encoder
             for g, weight in zip(grads, weights, strict=True):
                 if g is not None:
                     grad_x.addmm_(g, weight)
             grad_x = grad_x.view(x.shape)
-        return grad_x, None, None, None, *(None,) * n, *grad_encs, *grad_mids, *grad_decs
+        return grad_x, None, None, None, None, None, *(None,) * n, *grad_encs, *grad_mids, *grad_decs
 
 
 def fused_group_add(
@@ -392,19 +427,26 @@ def fused_group_add(
     decoders: Sequence[torch.Tensor],
     activation: str,
     scalings: Sequence[float],
+    p: float = 0.0,
+    seed: int | None = None,
 ) -> list[torch.Tensor]:
-    """``[W_i x + b_i + s_i act(W_d,i M_i act(W_e,i x)) for each base i]``: sibling layers that read one ``x`` in
-    one call, without dropout (eval, generation, or ``lora_dropout=0``).
+    """``[W_i x + b_i + s_i drop(act(W_d,i M_i drop(act(W_e,i drop(x))))) for each base i]``: sibling layers that
+    read one ``x`` (q, k and v), computed in one call.
 
-    Each base is a frozen ``nn.Linear`` in ``x``'s dtype (the caller checks). Same values and gradients as
-    ``fused_dense_add`` per member; backward writes every member's input gradient into one buffer.
+    Each base is a frozen ``nn.Linear`` in ``x``'s dtype (the caller checks). Per member, the same function and
+    gradients as ``fused_dense_add``; with dropout each member has its own masks, all drawn from one seed (taken
+    from torch's CPU RNG when not given) and replayed in backward. Backward writes every member's input gradient
+    into one buffer.
     """
     weights = [base.weight for base in bases]
     biases = tuple(base.bias for base in bases)
-    tensors = (*weights, *encoders, *middles, *decoders)
+    if p > 0 and seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+    args = (weights, biases, encoders, middles, decoders, activation, scalings, p, seed)
     if not torch.is_grad_enabled():
-        return _group_forward(x, weights, biases, encoders, middles, decoders, activation, scalings)[0]
-    return list(_DenseLoraGroupFunction.apply(x, activation, tuple(scalings), biases, *tensors))
+        return _group_forward(x, *args)[0]
+    tensors = (*weights, *encoders, *middles, *decoders)
+    return list(_DenseLoraGroupFunction.apply(x, activation, tuple(scalings), biases, p, seed, *tensors))
 
 
 def _scaled(weight: torch.Tensor, c: float, dtype: torch.dtype) -> torch.Tensor:

@@ -131,8 +131,8 @@ class InputGroup:
     The model forms groups from module names known to read the same input (``SAME_INPUT_MODULES``). The first
     member called with a new ``x`` computes every eligible member's output in one ``fused_group_add`` and returns
     its own; the others are kept, keyed on that tensor object and its version counter, and handed out when their
-    layers are called with it. A member called with anything else runs alone. Only the no-dropout case groups
-    (eval, generation, ``lora_dropout=0``): with dropout each member draws its own mask of ``x``.
+    layers are called with it. A member called with anything else runs alone. With dropout each member keeps its
+    own masks (of x, the hidden and the output), drawn for all of them from one seed.
 
     Which path a call takes depends only on the calls before it in the same forward, so gradient checkpointing's
     recomputation takes the same paths and saves the same tensors. The one state change, giving up on a group
@@ -162,14 +162,16 @@ class InputGroup:
             ref, version, grad_enabled, outputs = pending
             if ref() is x and version == _version(x) and grad_enabled == torch.is_grad_enabled():
                 out = outputs.pop(id(member), None)
-                if out is not None:
-                    self._pending = pending if outputs else None
-                    return out
+                self._pending = pending if outputs else None
+                return out  # None: the member was not computed with the others (another adapter state)
             if outputs and torch._C._autograd._top_saved_tensors_default_hooks(False) is None:
                 self.enabled = False  # kept outputs nobody asked for: these members read different tensors
         if not self.enabled or not member.groupable(x, adapter):
             return None
-        members = [m for m in self.members if m is member or m.groupable(x, adapter)]
+        p = member.dropout_p(adapter)
+        members = [
+            m for m in self.members if m is member or (m.groupable(x, adapter) and m.dropout_p(adapter) == p)
+        ]
         if len(members) < 2:
             return None
         outs = fused_group_add(
@@ -178,6 +180,7 @@ class InputGroup:
             *zip(*(m.adapter_weights(adapter, x.device) for m in members), strict=True),
             member.activation[adapter],
             [m.scaling[adapter] for m in members],
+            p,
         )
         kept = {id(m): out for m, out in zip(members, outs, strict=True) if m is not member}
         self._pending = (weakref.ref(x), _version(x), torch.is_grad_enabled(), kept)
@@ -286,12 +289,15 @@ class Linear(nn.Module, DenseLoraLayer):
         return result
 
     def groupable(self, x: torch.Tensor, adapter: str) -> bool:
-        """Whether this layer's update for ``x`` can be computed with its siblings' (``InputGroup``): a DenseLoRA
-        adapter without dropout in effect over a frozen ``nn.Linear`` in ``x``'s dtype, on the fused path."""
+        """Whether this layer's output for ``x`` can be computed with its siblings' (``InputGroup``): ``adapter``
+        is its only adapter in effect (enabled, not merged), a DenseLoRA one, over a frozen ``nn.Linear`` in
+        ``x``'s dtype, on the fused path."""
         if _reference_only or adapter not in self.denselora_M or torch.compiler.is_compiling():
             return False
-        dropout = self.denselora_dropout[adapter]
-        if isinstance(dropout, nn.Dropout) and dropout.training and dropout.p > 0:
+        if self.disable_adapters or self.merged:
+            return False
+        active = [a for a in self.active_adapters if a in self.denselora_M or a in self.denselora_A]
+        if active != [adapter]:
             return False
         base = self.get_base_layer()
         return (
@@ -302,6 +308,11 @@ class Linear(nn.Module, DenseLoraLayer):
             and base.weight.device == x.device
             and not _autocast_enabled(x.device.type)
         )
+
+    def dropout_p(self, adapter: str) -> float:
+        """The adapter's dropout probability in effect: 0 in eval mode."""
+        dropout = self.denselora_dropout[adapter]
+        return dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
 
     def adapter_weights(
         self, adapter: str, device: torch.device
@@ -372,10 +383,8 @@ class Linear(nn.Module, DenseLoraLayer):
         if _reference_only:
             weights = (encoder.to(device, dtype), middle.to(device, dtype), decoder.to(device, dtype))
             return result + dense_delta(x, *weights, activation, dropout, scaling).to(result.dtype)
-        p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
-        return fused_dense_add(
-            result, x, encoder.to(device), middle.to(device), decoder.to(device), activation, scaling, p
-        )
+        weights = self.adapter_weights(adapter, device)
+        return fused_dense_add(result, x, *weights, activation, scaling, self.dropout_p(adapter))
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Fold linear adapters into W0 (identity activation or LoRA modules); others raise before anything changes."""

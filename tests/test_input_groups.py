@@ -14,7 +14,7 @@ from torch import nn
 
 import dense_lora.fused as fused
 from dense_lora import DEFAULT_TARGET_MODULES, DenseLoraConfig
-from dense_lora.layer import Linear, reference_implementation
+from dense_lora.layer import Linear, one_call_per_layer, reference_implementation
 
 
 def config(**overrides) -> DenseLoraConfig:
@@ -105,14 +105,8 @@ def test_grouped_bf16_is_as_close_to_fp32_as_one_call_per_layer(tiny_inputs):
 
 
 def test_gradcheck_of_three_members_with_biases_and_own_scalings():
-    torch.manual_seed(0)
-    dtype = torch.float64
-    outs, r, width = (5, 3, 4), 2, 6
-    bases = [nn.Linear(width, out, bias=i != 1).to(dtype).requires_grad_(False) for i, out in enumerate(outs)]
-    x = torch.randn(2, 3, width, dtype=dtype, requires_grad=True)
-    encoders = [torch.randn(r, width, dtype=dtype, requires_grad=True) for _ in outs]
-    middles = [torch.randn(r, r, dtype=dtype, requires_grad=True) for _ in outs]
-    decoders = [torch.randn(out, r, dtype=dtype, requires_grad=True) for out in outs]
+    bases, encoders, middles, decoders = three_members()
+    x = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
     scalings = [2.0, 0.5, 1.5]
 
     def grouped(x, *weights):
@@ -138,24 +132,92 @@ def test_an_unused_member_output_gets_no_gradient_and_breaks_nothing():
     assert all(p.grad is not None and p.grad.any() for p in params[0] + params[2])
 
 
-def test_dropout_in_training_runs_one_call_per_layer_and_eval_groups(tiny_inputs, group_calls):
+def three_members(dtype=torch.float64):
+    """Three frozen bases of one input width (one without a bias) and their adapter weights, requiring grad."""
+    torch.manual_seed(0)
+    outs, r, width = (5, 3, 4), 2, 6
+    bases = [nn.Linear(width, out, bias=i != 1).to(dtype).requires_grad_(False) for i, out in enumerate(outs)]
+    encoders = [torch.randn(r, width, dtype=dtype, requires_grad=True) for _ in outs]
+    middles = [torch.randn(r, r, dtype=dtype, requires_grad=True) for _ in outs]
+    decoders = [torch.randn(out, r, dtype=dtype, requires_grad=True) for out in outs]
+    return bases, encoders, middles, decoders
+
+
+@pytest.mark.parametrize("activation", ["gelu", "identity"])
+def test_with_dropout_each_member_is_the_formula_with_its_own_replayed_masks(activation):
+    bases, encoders, middles, decoders = three_members()
+    p, seed, scalings = 0.3, 1234, [2.0, 0.5, 1.5]
+    x = torch.randn(2, 4, 6, dtype=torch.float64, requires_grad=True)
+    outs = fused.fused_group_add(bases, x, encoders, middles, decoders, activation, scalings, p, seed)
+    torch.autograd.backward(
+        outs, [torch.linspace(-1, 1, o.numel(), dtype=o.dtype).view(o.shape) for o in outs]
+    )
+    got = [x.grad, *(t.grad for t in (*encoders, *middles, *decoders))]
+
+    # the masks one draw from the seed gives: x per member, then the stacked hidden, then the stacked output
+    dropout = fused.SeededDropout(seed, p, torch.device("cpu"))
+    rows, n, r = 8, 3, 2
+    widths = [base.out_features for base in bases]
+    keep_x, keep_h, keep_y = dropout.keep_many(
+        (n, rows, 6), (rows, n * r), (rows, sum(widths)), dtype=x.dtype
+    )
+    c = dropout.scale
+    act = fused.ACTIVATION_FUNCTIONS[activation] or (lambda t: t)
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, *encoders, *middles, *decoders)]
+    flat, start, want_outs = leaves[0].reshape(rows, 6), 0, []
+    for i, base in enumerate(bases):
+        end = start + widths[i]
+        hidden = act((flat * keep_x[i] * c) @ leaves[1 + i].t()) * keep_h[:, i * r : (i + 1) * r] * c
+        update = act(hidden @ leaves[4 + i].t() @ leaves[7 + i].t()) * keep_y[:, start:end] * c
+        want_outs.append((base(flat) + scalings[i] * update).view(2, 4, -1))
+        start = end
+    for got_out, want_out in zip(outs, want_outs, strict=True):
+        torch.testing.assert_close(got_out, want_out)
+    assert not torch.equal(keep_x[0], keep_x[1])  # the members' masks are their own
+    torch.autograd.backward(
+        want_outs, [torch.linspace(-1, 1, o.numel(), dtype=o.dtype).view(o.shape) for o in want_outs]
+    )
+    for got_grad, leaf in zip(got, leaves, strict=True):
+        torch.testing.assert_close(got_grad, leaf.grad)
+
+
+def test_gradcheck_with_dropout_replayed_from_the_seed():
+    bases, encoders, middles, decoders = three_members()
+    x = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
+
+    def grouped(x, *weights):
+        return tuple(
+            fused.fused_group_add(
+                bases, x, weights[:3], weights[3:6], weights[6:], "gelu", [2.0] * 3, 0.25, 7
+            )
+        )
+
+    assert torch.autograd.gradcheck(grouped, (x, *encoders, *middles, *decoders))
+
+
+def test_dropout_training_groups_and_keeps_the_drop_rate(tiny_inputs, group_calls):
     model = get_peft_model(make_tiny_llama(), config(lora_dropout=0.05)).train()
     logits_and_grads(model, tiny_inputs)
-    assert group_calls == []  # each layer draws its own mask of x: nothing to share
-    model.eval()
-    with torch.no_grad():
-        model(**tiny_inputs)
     assert group_calls == [3] * model.config.num_hidden_layers
+    torch.manual_seed(0)
+    with torch.no_grad():
+        first = model(**tiny_inputs).logits
+        second = model(**tiny_inputs).logits
+    assert not torch.equal(first, second)  # fresh masks every call
 
 
-def test_gradient_checkpointing_with_groups_gives_the_same_gradients(tiny_inputs, group_calls):
+@pytest.mark.parametrize("lora_dropout", [0.0, 0.1])
+def test_gradient_checkpointing_with_groups_gives_the_same_gradients(lora_dropout, tiny_inputs, group_calls):
     base = make_tiny_llama()
-    plain = get_peft_model(copy.deepcopy(base), config())
+    plain = get_peft_model(copy.deepcopy(base), config(lora_dropout=lora_dropout)).train()
     checkpointed_base = copy.deepcopy(base)
     checkpointed_base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    checkpointed = get_peft_model(checkpointed_base, config()).train()
+    checkpointed = get_peft_model(checkpointed_base, config(lora_dropout=lora_dropout)).train()
+    torch.manual_seed(3)
     want = logits_and_grads(plain, tiny_inputs)
+    torch.manual_seed(3)  # the same dropout seeds, drawn again in the recomputation
     got = logits_and_grads(checkpointed, tiny_inputs, use_cache=False)
+    torch.testing.assert_close(got[0], want[0])
     layers = base.config.num_hidden_layers
     assert len(group_calls) == 3 * layers  # plain forward, checkpointed forward, its recomputation
     for name in want[1]:
@@ -212,3 +274,24 @@ def test_deepcopy_and_pickle_keep_each_copy_grouped_with_its_own_layers(tiny_inp
         assert attention.q_proj.input_group.members == [attention.q_proj, attention.k_proj, attention.v_proj]
         with torch.no_grad():
             torch.testing.assert_close(clone(**tiny_inputs).logits, want)
+
+
+@pytest.mark.parametrize("change", ["other adapter", "disabled", "merged"])
+def test_a_member_in_another_adapter_state_is_not_computed_with_the_group(change, tiny_inputs, group_calls):
+    model = get_peft_model(make_tiny_llama(), config(activation="identity"), adapter_name="alpha").eval()
+    model.add_adapter("beta", config(activation="identity", init_seed=5))
+    model.set_adapter("alpha")
+    k_proj = model.base_model.model.model.layers[0].self_attn.k_proj
+    if change == "other adapter":
+        k_proj.set_adapter("beta")
+    elif change == "disabled":
+        k_proj.enable_adapters(False)
+    else:
+        k_proj.merge(adapter_names=["alpha"])
+    with torch.no_grad():
+        got = model(**tiny_inputs).logits
+        with one_call_per_layer():
+            want = model(**tiny_inputs).logits
+    assert len(group_calls) == model.config.num_hidden_layers  # layer 0 groups q and v only
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert k_proj.input_group.enabled  # k ran alone, and the group still serves q and v
