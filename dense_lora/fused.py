@@ -19,6 +19,10 @@ residual add is part of the function, and for a frozen ``nn.Linear`` so is the b
 rather than leaving autograd to add two input-sized tensors. ``s`` is applied to r-dim tensors only; the out-dim
 work left is the activation and its derivative. Everything runs in the input's dtype (bf16 GEMMs on bf16 models);
 weight gradients are returned in the weights' dtype.
+
+Sibling layers that read one tensor (an attention block's q, k and v) go through ``fused_group_add`` instead: the
+same function and gradients per member, with one encoder GEMM, one block-diagonal decoder GEMM, one activation
+call of each kind and one mask draw for all of them (``layer.InputGroup`` decides when).
 """
 
 from __future__ import annotations
