@@ -207,11 +207,16 @@ def test_dropout_training_groups_and_keeps_the_drop_rate(tiny_inputs, group_call
 
 
 @pytest.mark.parametrize("lora_dropout", [0.0, 0.1])
-def test_gradient_checkpointing_with_groups_gives_the_same_gradients(lora_dropout, tiny_inputs, group_calls):
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_with_groups_gives_the_same_gradients(
+    lora_dropout, reentrant, tiny_inputs, group_calls
+):
     base = make_tiny_llama()
     plain = get_peft_model(copy.deepcopy(base), config(lora_dropout=lora_dropout)).train()
     checkpointed_base = copy.deepcopy(base)
-    checkpointed_base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    checkpointed_base.gradient_checkpointing_enable(
+        gradient_checkpointing_kwargs={"use_reentrant": reentrant}
+    )
     checkpointed = get_peft_model(checkpointed_base, config(lora_dropout=lora_dropout)).train()
     torch.manual_seed(3)
     want = logits_and_grads(plain, tiny_inputs)
