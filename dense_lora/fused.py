@@ -474,7 +474,7 @@ def _decoder_product(
     return _scaled(decoder @ middle, c, dtype)
 
 
-def _autocast_enabled(device_type: str) -> bool:
+def autocast_enabled(device_type: str) -> bool:
     """Whether autocast is on for this device type (never on the meta device, which has no autocast)."""
     return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
@@ -482,7 +482,7 @@ def _autocast_enabled(device_type: str) -> bool:
 def _autocast_disabled(device_type: str):
     """Autocast off for this device type; no context at all when it is already off (entering one costs more than
     the small GEMMs it would guard)."""
-    if _autocast_enabled(device_type):
+    if autocast_enabled(device_type):
         return torch.autocast(device_type, enabled=False)
     return nullcontext()
 
@@ -509,7 +509,7 @@ def fused_dense_add(
     backward (``StoredDropout``), so the step compiles without graph breaks.
     """
     device_type = x.device.type
-    autocast = _autocast_enabled(device_type)
+    autocast = autocast_enabled(device_type)
     weight = bias = None
     if isinstance(base, nn.Module):
         weight, bias = base.weight, base.bias

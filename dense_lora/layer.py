@@ -22,7 +22,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check
 from torch import nn
 
 from .config import DenseLoraConfig
-from .fused import ACTIVATION_FUNCTIONS, _autocast_enabled, fused_dense_add, fused_group_add
+from .fused import ACTIVATION_FUNCTIONS, autocast_enabled, fused_dense_add, fused_group_add
 
 _reference_only = False
 
@@ -146,9 +146,8 @@ class InputGroup:
         self._pending: tuple[weakref.ref, int, bool, dict[int, torch.Tensor]] | None = None
 
     def __deepcopy__(self, memo: dict) -> InputGroup:
-        return InputGroup(
-            [copy.deepcopy(member, memo) for member in self.members]
-        )  # kept outputs are not copied
+        """The copied members, grouped afresh: outputs kept for a tensor of the original are not copied."""
+        return InputGroup([copy.deepcopy(member, memo) for member in self.members])
 
     def __getstate__(self) -> dict[str, Any]:
         return {"members": self.members, "enabled": self.enabled, "_pending": None}
@@ -306,7 +305,7 @@ class Linear(nn.Module, DenseLoraLayer):
             and (base.bias is None or not base.bias.requires_grad)
             and base.weight.dtype == x.dtype
             and base.weight.device == x.device
-            and not _autocast_enabled(x.device.type)
+            and not autocast_enabled(x.device.type)
         )
 
     def dropout_p(self, adapter: str) -> float:

@@ -300,3 +300,15 @@ def test_a_member_in_another_adapter_state_is_not_computed_with_the_group(change
     assert len(group_calls) == model.config.num_hidden_layers  # layer 0 groups q and v only
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert k_proj.input_group.enabled  # k ran alone, and the group still serves q and v
+
+
+def test_gate_and_up_are_grouped_when_both_are_adapted(tiny_inputs, group_calls):
+    base = make_tiny_llama()
+    targets = [*DEFAULT_TARGET_MODULES, "gate_proj"]
+    model = get_peft_model(copy.deepcopy(base), config(target_modules=targets)).eval()
+    with torch.no_grad():
+        got = model(**tiny_inputs).logits
+        with one_call_per_layer():
+            want = model(**tiny_inputs).logits
+    assert sorted(group_calls) == sorted([3, 2] * base.config.num_hidden_layers)  # q/k/v, then gate/up
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
