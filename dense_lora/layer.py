@@ -154,8 +154,8 @@ class InputGroup:
 
     def output(self, member: Linear, x: torch.Tensor, adapter: str) -> torch.Tensor | None:
         """``member``'s output for ``x``, from the group; None when the member must run alone."""
-        if _one_call_per_layer:
-            return None
+        if _one_call_per_layer or torch.compiler.is_compiling():
+            return None  # compiled: one call per layer, the graph holds no state between layers
         pending, self._pending = self._pending, None
         if pending is not None:
             ref, version, grad_enabled, outputs = pending
@@ -291,7 +291,7 @@ class Linear(nn.Module, DenseLoraLayer):
         """Whether this layer's output for ``x`` can be computed with its siblings' (``InputGroup``): ``adapter``
         is its only adapter in effect (enabled, not merged), a DenseLoRA one, over a frozen ``nn.Linear`` in
         ``x``'s dtype, on the fused path."""
-        if _reference_only or adapter not in self.denselora_M or torch.compiler.is_compiling():
+        if _reference_only or adapter not in self.denselora_M:
             return False
         if self.disable_adapters or self.merged:
             return False
