@@ -283,7 +283,7 @@ def _group_forward(x, weights, biases, encoders, middles, decoders, activation, 
     act, act_ = ACTIVATION_FUNCTIONS[activation], _ACTIVATION_INPLACE[activation]
     if dropout:
         keep_x, keep_h, keep_y = _group_masks(dropout, flat, len(weights), encoder, product)
-        a = _batched(flat * keep_x, encoder, len(weights))
+        a = _encode_per_member(flat * keep_x, encoder, len(weights))
     else:
         a = flat @ encoder.t()
     h = act(a) if act else a
@@ -311,7 +311,7 @@ def _group_masks(dropout, flat, n, encoder, product):
     return dropout.keep_many(*shapes, dtype=flat.dtype)
 
 
-def _batched(dropped: torch.Tensor, encoder: torch.Tensor, n: int) -> torch.Tensor:
+def _encode_per_member(dropped: torch.Tensor, encoder: torch.Tensor, n: int) -> torch.Tensor:
     """Member i's ``dropped[i] @ W_e,i^T`` for every i in one batched GEMM, laid out ``rows x (n r)``."""
     a = torch.bmm(dropped, encoder.view(n, -1, encoder.shape[1]).transpose(1, 2))  # n x rows x r
     return a.transpose(0, 1).reshape(dropped.shape[1], -1)
