@@ -362,8 +362,13 @@ class _DenseLoraGroupFunction(torch.autograd.Function):
             None if g is None else g.reshape(rows, w.shape[0]).to(dtype)
             for g, w in zip(grad_outputs, weights, strict=True)
         ]
-        zeros = [torch.zeros(rows, w.shape[0], dtype=dtype, device=x.device) for w in weights]
-        grad = torch.cat([z if g is None else g for g, z in zip(grads, zeros, strict=True)], dim=1)
+        grad = torch.cat(
+            [
+                torch.zeros(rows, w.shape[0], dtype=dtype, device=x.device) if g is None else g
+                for g, w in zip(grads, weights, strict=True)
+            ],
+            dim=1,
+        )  # a member whose output went unused contributes zeros
         dropout = _dropout(ctx.p, ctx.seed, x.device)
         c = dropout.scale if dropout else 1.0
         encoder = _scaled(torch.cat(encoders), c, dtype)
