@@ -492,6 +492,16 @@ def _autocast_disabled(device_type: str):
     return nullcontext()
 
 
+def runs_base_itself(base: nn.Module, x: torch.Tensor) -> bool:
+    """Whether the fused path computes ``base``'s product itself (and adds the input gradients in place): a frozen
+    torch ``nn.Linear`` already in ``x``'s dtype, autocast off. Other bases hand the fused path their output."""
+    weight, bias = base.weight, base.bias
+    frozen = not weight.requires_grad and (bias is None or not bias.requires_grad)
+    return (
+        type(base) is nn.Linear and frozen and weight.dtype == x.dtype and not autocast_enabled(x.device.type)
+    )
+
+
 def fused_dense_add(
     base: torch.Tensor | nn.Linear,
     x: torch.Tensor,
@@ -517,12 +527,10 @@ def fused_dense_add(
     autocast = autocast_enabled(device_type)
     weight = bias = None
     if isinstance(base, nn.Module):
-        weight, bias = base.weight, base.bias
-        frozen = not weight.requires_grad and (bias is None or not bias.requires_grad)
-        if type(base) is nn.Linear and frozen and not autocast and weight.dtype == x.dtype:
-            base = None
+        if runs_base_itself(base, x):
+            base, weight, bias = None, base.weight, base.bias
         else:
-            base, weight, bias = base(x), None, None
+            base = base(x)
     if p > 0 and seed is None and not torch.compiler.is_compiling():
         seed = int(torch.randint(0, 2**62, (1,)).item())
     # without autograd (generation), skip the Function's bookkeeping: it costs as much as the adapter's small GEMMs

@@ -22,7 +22,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check
 from torch import nn
 
 from .config import DenseLoraConfig
-from .fused import ACTIVATION_FUNCTIONS, autocast_enabled, fused_dense_add, fused_group_add
+from .fused import ACTIVATION_FUNCTIONS, fused_dense_add, fused_group_add, runs_base_itself
 
 _reference_only = False
 
@@ -273,7 +273,7 @@ class Linear(nn.Module, DenseLoraLayer):
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
-        adapters = [a for a in self.active_adapters if a in self.denselora_M or a in self.denselora_A]
+        adapters = self._adapters_in_effect()
         if self.merged or not adapters:
             return self.base_layer(x, *args, **kwargs)
         if self.input_group is not None and len(adapters) == 1 and not args and not kwargs:
@@ -287,6 +287,10 @@ class Linear(nn.Module, DenseLoraLayer):
             result = self._add_adapter_update(adapter, x, result)
         return result
 
+    def _adapters_in_effect(self) -> list[str]:
+        """The active adapters that adapt this layer (DenseLoRA or, in ``lora_modules``, LoRA), in order."""
+        return [a for a in self.active_adapters if a in self.denselora_M or a in self.denselora_A]
+
     def groupable(self, x: torch.Tensor, adapter: str) -> bool:
         """Whether this layer's output for ``x`` can be computed with its siblings' (``InputGroup``): ``adapter``
         is its only adapter in effect (enabled, not merged), a DenseLoRA one, over a frozen ``nn.Linear`` in
@@ -295,18 +299,10 @@ class Linear(nn.Module, DenseLoraLayer):
             return False
         if self.disable_adapters or self.merged:
             return False
-        active = [a for a in self.active_adapters if a in self.denselora_M or a in self.denselora_A]
-        if active != [adapter]:
+        if self._adapters_in_effect() != [adapter]:
             return False
         base = self.get_base_layer()
-        return (
-            type(base) is nn.Linear
-            and not base.weight.requires_grad
-            and (base.bias is None or not base.bias.requires_grad)
-            and base.weight.dtype == x.dtype
-            and base.weight.device == x.device
-            and not autocast_enabled(x.device.type)
-        )
+        return runs_base_itself(base, x) and base.weight.device == x.device
 
     def dropout_p(self, adapter: str) -> float:
         """The adapter's dropout probability in effect: 0 in eval mode."""
