@@ -54,7 +54,7 @@ DEFAULT_METHODS = ("denselora", "denselora-reference", "lora", "dora", "frozen")
 # The paper's "Only Matrix" variant (identity activation) on the fused path: run beside "denselora", it shows
 # what the activation costs, since everything else (GEMMs, dropout, kernels, bookkeeping) is the same.
 # "denselora-per-layer" computes q, k and v in three calls instead of one (dense_lora.layer.InputGroup): beside
-# "denselora" at dropout 0, it shows what computing them together saves.
+# "denselora", at any dropout, it shows what computing them together saves.
 METHODS = (*DEFAULT_METHODS, "denselora-only-matrix", "denselora-per-layer")
 MODELS = ("tiny", "smollm2", "llama3-8b-shape", "llama2-7b-shape")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
