@@ -6,11 +6,12 @@ gets only what it cannot cheaply recompute:
 
 - ``x`` itself (no copy: q/k/v read the same tensor, so it is stored once for the three of them),
 - the two r-dim intermediates ``a = W_e x'`` and ``h = drop(act(a))`` (unscaled: see below),
-- one integer seed: the three dropout masks are regenerated from it in backward instead of being stored. They come
-  from 16 random bits per element held against a threshold (``SeededDropout``), about 1 ns per element where
-  ``bernoulli_`` costs ~14 on CPU, so drawing them twice costs less than storing them; masks are 0/1 and
-  the ``1 / (1 - p)`` factors live in the weight-sized encoder and decoder product and the output scale. (Under
-  ``torch.compile`` the masks are drawn in the graph and kept instead: ``StoredDropout``.)
+- the three dropout masks, one bit per element (a sixteenth of the bf16 tensor each one masks), where autograd through the formula keeps each
+  mask and each dropped tensor in the compute dtype. They come from 16 random bits per element held against a
+  threshold (``SeededDropout``, about 0.5 ns per element where ``bernoulli_`` costs ~14 on CPU); backward unpacks
+  them instead of drawing them again. Masks are 0/1 and the ``1 / (1 - p)`` factors live in the weight-sized
+  encoder and decoder product and the output scale. (Under ``torch.compile`` the masks are drawn in the graph and
+  kept as booleans: ``StoredDropout``.)
 
 ``W_d M`` is formed once per call in the weights' float32 (a weight-sized product), so the token-sized work is two
 GEMMs forward, like LoRA's; backward recomputes ``z = h (W_d M)^T`` to get the activation's derivative. The
@@ -61,27 +62,34 @@ def _activation_backward(activation: str, grad: torch.Tensor, pre: torch.Tensor)
 
 
 class SeededDropout:
-    """Dropout whose masks come from a private generator: the same seed replays the same masks, in order.
+    """Dropout whose masks come from a private generator: the same seed gives the same masks, in order.
 
-    The fused path draws masks for x, the encoder output and the decoder output in forward, and draws them again
-    in backward from the same seed instead of storing them, so drawing must be cheap. Each element gets 16 random
-    bits as a uniform int16 ``u`` and is kept when ``u >= threshold``; the realised probability is therefore ``p``
-    rounded to a multiple of 2^-16 (0.05 -> 0.0500031), and ``scale`` is ``1 / (1 - realised p)``, which keeps
-    the expectation exact. Masks are deterministic for a seed on a device type, whatever the thread count.
+    The fused path draws the masks of x, the encoder output and the decoder output in forward and keeps them for
+    backward packed one bit per element (``saved``: 1/16 of the x-sized tensor they mask, in bf16), so backward
+    unpacks them instead of drawing them again; under checkpointing the recomputed forward draws them again from
+    the same seed. Each element gets 16 random bits as a uniform int16 ``u`` and is kept when ``u >= threshold``;
+    the realised probability is therefore ``p`` rounded to a multiple of 2^-16 (0.05 -> 0.0500031), and
+    ``scale`` is ``1 / (1 - realised p)``, which keeps the expectation exact. Masks are deterministic for a seed on
+    a device type, whatever the thread count.
 
-    Why this generator and this arithmetic (CPU costs per mask element, one thread): ``bernoulli_`` costs ~14 ns;
+    Why this generator and this arithmetic (CPU costs per mask element, two threads): ``bernoulli_`` costs ~14 ns;
     torch's CPU generator (mt19937) fills 16 bits in ~1 ns, numpy's SFC64 in ~0.5 ns, so CPU masks come from
-    SFC64 (other devices keep torch's generator, Philox on CUDA). A comparison written into the compute dtype
-    costs ~1 ns, while clamping ``u`` to ``[threshold - 1, threshold]`` and subtracting ``threshold - 1`` (int16,
-    vectorised) gives the same 0/1 mask for ~0.1 ns, plus ~0.3 ns for the one cast.
+    SFC64 (other devices keep torch's generator, Philox on CUDA). numpy compares the bits with the threshold
+    (~0.08 ns) and packs the result (~0.05 ns), and a 0/1 byte becomes a 2-byte float mask as the int16 ``0`` or
+    ``1.0``'s bit pattern (~0.08 ns) rather than through a float conversion (~0.12-0.6 ns); unpacking in backward
+    costs ~0.06 ns, against ~0.7 for drawing and comparing again.
     """
 
-    def __init__(self, seed: int, p: float, device: torch.device) -> None:
+    def __init__(self, seed: int, p: float, device: torch.device, saved: Sequence[torch.Tensor] = ()) -> None:
         self.threshold = round(p * 2**16) - 2**15  # P(int16 u < threshold) = realised p
         self.p = (self.threshold + 2**15) / 2**16
         self.scale = 1.0 / (1.0 - self.p)
         self.device = torch.device(device)
-        if self.device.type == "cpu":
+        self.saved = list(saved)  # the packed masks of the last draw; given: what keep_many hands out again
+        self.from_saved = bool(saved)
+        if self.from_saved:
+            pass  # nothing is drawn
+        elif self.device.type == "cpu":
             self.bits = np.random.SFC64(seed)
         else:
             self.generator = torch.Generator(device=self.device).manual_seed(seed)
@@ -101,21 +109,23 @@ class SeededDropout:
         """The next masks for several shapes, the same as ``keep`` called once per shape in order, from one draw.
 
         Each mask starts on a fresh 64-bit word, as a separate ``keep`` would, so the stream is cut up
-        identically; one draw and one clamp serve every mask (the fused path needs three per call, and on a few
-        hundred tokens each small kernel costs its fixed overhead, not its elements).
+        identically; one draw, one comparison and one conversion serve every mask (the fused path needs three per
+        call, and on a few hundred tokens each small kernel costs its fixed overhead, not its elements). The
+        draw is kept packed in ``saved``; built with ``saved``, the object hands out those masks instead.
         """
         counts = [math.prod(shape) for shape in shapes]
-        words = [(count + 3) // 4 for count in counts]
-        uniform = self.random_words(sum(words)).view(torch.int16)
-        if self.threshold == -(2**15):  # p rounds to 0: every element is kept
-            masks = torch.ones(uniform.shape, dtype=dtype, device=uniform.device)
-        else:  # u clamped to {threshold - 1, threshold}, minus threshold - 1: 1 where u >= threshold, else 0
-            low = self.threshold - 1
-            masks = uniform.clamp_(low, self.threshold).sub_(low).to(dtype)
+        padded = [4 * ((count + 3) // 4) for count in counts]
+        if self.from_saved:
+            keep = unpack_bits(self.saved[0], sum(padded))
+        else:
+            uniform = self.random_words(sum(padded) // 4).view(torch.int16)
+            keep = _at_least(uniform, self.threshold)
+            self.saved = [pack_bits(keep)]
+        masks = _zero_one_as(keep, dtype)
         out, start = [], 0
-        for shape, count, used in zip(shapes, counts, words, strict=True):
+        for shape, count, used in zip(shapes, counts, padded, strict=True):
             out.append(masks[start : start + count].view(shape))
-            start += 4 * used
+            start += used
         return out
 
     def mask(self, like: torch.Tensor) -> torch.Tensor:
@@ -126,31 +136,83 @@ class SeededDropout:
         return tensor * self.mask(tensor)
 
 
+def _at_least(values: torch.Tensor, threshold: int) -> torch.Tensor:
+    """``values >= threshold`` as a uint8 0/1 tensor (numpy's comparison on CPU: a quarter of torch's time)."""
+    if values.device.type == "cpu":
+        return torch.from_numpy(np.greater_equal(values.numpy(), threshold).view(np.uint8))
+    return (values >= threshold).to(torch.uint8)
+
+
+def pack_bits(zero_one: torch.Tensor) -> torch.Tensor:
+    """A flat uint8 0/1 tensor packed 8 elements a byte, first element in the lowest bit (numpy's
+    ``packbits(bitorder="little")``), zero-padded to whole bytes."""
+    if zero_one.device.type == "cpu":
+        return torch.from_numpy(np.packbits(zero_one.numpy(), bitorder="little"))
+    return _pack_bits_portable(zero_one)
+
+
+def unpack_bits(packed: torch.Tensor, count: int) -> torch.Tensor:
+    """The first ``count`` elements that ``pack_bits`` packed, as a flat uint8 0/1 tensor."""
+    if packed.device.type == "cpu":
+        return torch.from_numpy(np.unpackbits(packed.numpy(), count=count, bitorder="little"))
+    return _unpack_bits_portable(packed, count)
+
+
+def _pack_bits_portable(zero_one: torch.Tensor) -> torch.Tensor:
+    """``pack_bits`` in torch ops, for devices numpy cannot reach."""
+    padded = F.pad(zero_one, (0, -zero_one.numel() % 8)).view(-1, 8)
+    return (padded << _bit_positions(padded.device)).sum(-1, dtype=torch.uint8)
+
+
+def _unpack_bits_portable(packed: torch.Tensor, count: int) -> torch.Tensor:
+    """``unpack_bits`` in torch ops, for devices numpy cannot reach."""
+    return ((packed.unsqueeze(-1) >> _bit_positions(packed.device)) & 1).view(-1)[:count]
+
+
+def _bit_positions(device: torch.device) -> torch.Tensor:
+    return torch.arange(8, dtype=torch.uint8, device=device)
+
+
+# A 2-byte float's 1.0 as an int16 bit pattern: a 0/1 int16 tensor times this, viewed as the float, is its mask.
+_ONE_BITS = {torch.bfloat16: 0x3F80, torch.float16: 0x3C00}
+
+
+def _zero_one_as(zero_one: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A uint8 0/1 tensor as 0.0/1.0 in ``dtype`` (for 2-byte floats through the int16 bit pattern, which is
+    several times cheaper on CPU than a float conversion)."""
+    if dtype in _ONE_BITS:
+        return zero_one.to(torch.int16).mul_(_ONE_BITS[dtype]).view(dtype)
+    return zero_one.to(dtype)
+
+
 class StoredDropout:
     """Dropout for traced runs (``torch.compile``): masks from torch's RNG inside the graph, kept for backward.
 
     ``SeededDropout`` reads its seed on the host and draws from a host generator, which a compiler cannot trace
     (one graph break per adapted module). Here the three masks are ``torch.rand(shape) >= p`` drawn in the graph
-    and saved as booleans for backward (``masks``), so the whole step compiles; they cost one byte per element
-    of x, h and y, the memory the seeded path saves. ``scale`` is the exact ``1 / (1 - p)``.
+    and saved as booleans for backward (``saved``), so the whole step compiles; they cost one byte per element
+    of x, h and y. ``scale`` is the exact ``1 / (1 - p)``.
     """
 
-    def __init__(self, p: float, device: torch.device, masks: list[torch.Tensor] | None = None) -> None:
-        self.p, self.device, self.masks = p, device, masks
+    def __init__(self, p: float, device: torch.device, saved: Sequence[torch.Tensor] = ()) -> None:
+        self.p, self.device, self.saved = p, device, list(saved)
         self.scale = 1.0 / (1.0 - p)
 
     def keep_many(self, *shapes: torch.Size, dtype: torch.dtype) -> list[torch.Tensor]:
         """The masks of ``shapes`` (drawn on the first call, the stored ones after), 0/1 in ``dtype``."""
-        if self.masks is None:
-            self.masks = [torch.rand(shape, device=self.device) >= self.p for shape in shapes]
-        return [mask.to(dtype) for mask in self.masks]
+        if not self.saved:
+            self.saved = [torch.rand(shape, device=self.device) >= self.p for shape in shapes]
+        return [mask.to(dtype) for mask in self.saved]
 
 
-def _dropout(p: float, seed: int | None, device: torch.device) -> SeededDropout | StoredDropout | None:
-    """The call's dropout: none at p = 0, replayed from ``seed``, or drawn in the graph when there is no seed."""
+def _dropout(
+    p: float, seed: int | None, device: torch.device, saved: Sequence[torch.Tensor] = ()
+) -> SeededDropout | StoredDropout | None:
+    """The call's dropout: none at p = 0, seeded, or drawn in the graph when there is no seed (``torch.compile``).
+    Given ``saved`` (what a forward's dropout kept), it hands out that forward's masks again."""
     if p == 0:
         return None
-    return StoredDropout(p, device) if seed is None else SeededDropout(seed, p, device)
+    return StoredDropout(p, device, saved) if seed is None else SeededDropout(seed, p, device, saved)
 
 
 def _dense_forward(base, weight, bias, x, encoder, middle, decoder, activation, scaling, p, seed):
@@ -199,8 +261,7 @@ class _DenseLoraFunction(torch.autograd.Function):
         out, a, h, dropout = _dense_forward(
             base, weight, bias, x, encoder, middle, decoder, activation, scaling, p, seed
         )
-        stored = dropout.masks if isinstance(dropout, StoredDropout) else []
-        ctx.save_for_backward(x, a, h, encoder, middle, decoder, weight, *stored)
+        ctx.save_for_backward(x, a, h, encoder, middle, decoder, weight, *(dropout.saved if dropout else ()))
         ctx.activation, ctx.scaling, ctx.p, ctx.seed = activation, scaling, p, seed
         return out
 
@@ -215,7 +276,7 @@ class _DenseLoraFunction(torch.autograd.Function):
     @staticmethod
     def _adapter_backward(ctx, grad_output):
         """Gradients of ``out = base + s c (act(z) * k_y)``, ``z = h (c W_d M)^T``, ``h = act(a) * k_h``,
-        ``a = (x * k_x)(c W_e)^T`` with 0/1 masks ``k`` replayed from the seed and ``c = 1 / (1 - p)``. The
+        ``a = (x * k_x)(c W_e)^T`` with 0/1 masks ``k`` unpacked from forward's and ``c = 1 / (1 - p)``. The
         weight-sized ``c W_e`` and ``c W_d M`` are formed again rather than kept from forward: kept, they would
         add about 13 MiB on SmolLM2, 0.1x LoRA's activation memory at 256 tokens."""
         x, a, h, encoder, middle, decoder, weight, *stored = ctx.saved_tensors
@@ -224,10 +285,10 @@ class _DenseLoraFunction(torch.autograd.Function):
         need_x, need_enc, need_mid, need_dec = ctx.needs_input_grad[3:7]
         flat = x.reshape(-1, x.shape[-1])
         grad = grad_output.reshape(-1, grad_output.shape[-1]).to(dtype)  # d loss / d y, times 1/(s c)
-        dropout = StoredDropout(p, x.device, stored) if stored else _dropout(p, ctx.seed, x.device)
+        dropout = _dropout(p, ctx.seed, x.device, stored)
         c = dropout.scale if dropout else 1.0
         scaling = ctx.scaling * c
-        if dropout:  # forward's masks (x, hidden, output): replayed from the seed, or the stored ones
+        if dropout:  # forward's masks (x, hidden, output), unpacked from what forward kept
             keep_x, keep_h, keep_y = dropout.keep_many(flat.shape, a.shape, grad.shape, dtype=dtype)
             grad = grad * keep_y
         product = _decoder_product(decoder, middle, dtype, c)
@@ -265,7 +326,8 @@ class _DenseLoraFunction(torch.autograd.Function):
 
 
 def _group_forward(x, weights, biases, encoders, middles, decoders, activation, scalings, p, seed):
-    """The forward computation of sibling layers that read one ``x``; returns the outputs, ``a``, ``h``.
+    """The forward computation of sibling layers that read one ``x``; returns the outputs, ``a``, ``h`` and what
+    the dropout keeps for backward (its packed masks; nothing without dropout).
 
     The encoders are stacked into one ``(n r) x in`` GEMM (a batched one with dropout: each member drops its own
     elements of x) and the decoder products into one block-diagonal ``(sum out) x (n r)`` GEMM, so the n members
@@ -301,7 +363,7 @@ def _group_forward(x, weights, biases, encoders, middles, decoders, activation, 
             out.add_(bias)
         outs.append(out.view(*x.shape[:-1], weight.shape[0]))
         start = end
-    return outs, a, h
+    return outs, a, h, (dropout.saved if dropout else [])
 
 
 def _group_masks(dropout, flat, n, encoder, product):
@@ -332,10 +394,11 @@ class _DenseLoraGroupFunction(torch.autograd.Function):
     def forward(ctx, x, activation, scalings, biases, p, seed, *tensors):
         n = len(scalings)
         weights, encoders, middles, decoders = (tensors[i * n : (i + 1) * n] for i in range(4))
-        outs, a, h = _group_forward(
+        outs, a, h, masks = _group_forward(
             x, weights, biases, encoders, middles, decoders, activation, scalings, p, seed
         )
-        ctx.save_for_backward(x, a, h, *tensors)
+        ctx.save_for_backward(x, a, h, *masks, *tensors)
+        ctx.mask_count = len(masks)
         ctx.activation, ctx.scalings, ctx.p, ctx.seed = activation, scalings, p, seed
         return tuple(outs)
 
@@ -350,6 +413,7 @@ class _DenseLoraGroupFunction(torch.autograd.Function):
         """Member i's gradients are ``_DenseLoraFunction``'s with its own masks; the stacked and block-diagonal
         products give them all at once, and every input gradient lands in one buffer."""
         x, a, h, *tensors = ctx.saved_tensors
+        masks, tensors = tensors[: ctx.mask_count], tensors[ctx.mask_count :]
         activation, scalings = ctx.activation, ctx.scalings
         n = len(scalings)
         weights, encoders, middles, decoders = (tensors[i * n : (i + 1) * n] for i in range(4))
@@ -369,11 +433,11 @@ class _DenseLoraGroupFunction(torch.autograd.Function):
             ],
             dim=1,
         )  # a member whose output went unused contributes zeros
-        dropout = _dropout(ctx.p, ctx.seed, x.device)
+        dropout = _dropout(ctx.p, ctx.seed, x.device, masks)
         c = dropout.scale if dropout else 1.0
         encoder = _scaled(torch.cat(encoders), c, dtype)
         product = _block_decoder_product(decoders, middles, dtype, c)
-        if dropout:  # forward's masks, replayed from the seed
+        if dropout:  # forward's masks, unpacked from what forward kept
             keep_x, keep_h, keep_y = _group_masks(dropout, flat, n, encoder, product)
             grad.mul_(keep_y)
         if ACTIVATION_FUNCTIONS[activation]:
@@ -444,7 +508,7 @@ def fused_group_add(
 
     Each base is a frozen ``nn.Linear`` in ``x``'s dtype (the caller checks). Per member, the same function and
     gradients as ``fused_dense_add``; with dropout each member has its own masks, all drawn from one seed (taken
-    from torch's CPU RNG when not given) and replayed in backward. Backward writes every member's input gradient
+    from torch's CPU RNG when not given) and kept packed for backward. Backward writes every member's input gradient
     into one buffer.
     """
     weights = [base.weight for base in bases]

@@ -1,6 +1,7 @@
-"""The fused path's dropout masks: drawn from the seed, replayed bit-exactly in backward, at the asked rate.
+"""The fused path's dropout masks: drawn from the seed, kept packed for backward, at the asked rate.
 
-The masks are never stored; backward regenerates them from the seed. These tests pin what that scheme promises:
+Forward draws the masks from the seed and keeps them one bit per element; backward unpacks them and draws
+nothing (a checkpointed forward draws them again from the same seed). These tests pin what that scheme promises:
 the same seed gives the same masks (whatever the thread count), the rate is p, forward and backward use the
 same masks (an input element dropped in forward gets exactly zero adapter gradient), and values and gradients
 equal the plain formula run with the same masks.
@@ -14,6 +15,7 @@ from helpers import make_tiny_llama
 from peft import get_peft_model
 
 from dense_lora import DenseLoraConfig
+from dense_lora import fused
 from dense_lora.fused import SeededDropout, fused_dense_add
 from dense_lora.layer import dense_delta
 
@@ -134,6 +136,49 @@ def test_one_draw_gives_the_masks_of_consecutive_draws() -> None:
     for one, many, shape in zip(separate, together, shapes, strict=True):
         assert many.shape == shape and many.dtype == torch.bfloat16
         assert torch.equal(one, many)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_kept_masks_are_the_drawn_ones(dtype: torch.dtype) -> None:
+    """What a draw keeps (``saved``) hands out the same masks again, exact 0/1 in every compute dtype."""
+    shapes = [(3, 7), (5, 6), (1, 1)]
+    drawn = SeededDropout(21, 0.3, torch.device("cpu"))
+    masks = drawn.keep_many(*shapes, dtype=dtype)
+    assert [bits.dtype for bits in drawn.saved] == [torch.uint8]
+    assert drawn.saved[0].numel() == -(-(24 + 32 + 4) // 8)  # one bit per element, each mask on whole words
+    kept = SeededDropout(0, 0.3, torch.device("cpu"), drawn.saved).keep_many(*shapes, dtype=dtype)
+    for mask, again, shape in zip(masks, kept, shapes, strict=True):
+        assert mask.shape == again.shape == shape and mask.dtype == again.dtype == dtype
+        assert torch.equal(mask, again)
+        assert set(mask.unique().tolist()) <= {0.0, 1.0}
+    as_float = SeededDropout(21, 0.3, torch.device("cpu")).keep_many(*shapes, dtype=torch.float64)
+    assert all(torch.equal(m.double(), f) for m, f in zip(masks, as_float, strict=True))
+
+
+@pytest.mark.parametrize("count", [1, 7, 8, 9, 100, 1001])
+def test_portable_bit_packing_matches_numpys(count: int) -> None:
+    """Devices numpy cannot reach pack and unpack with torch ops, bit for bit as numpy does on CPU."""
+    zero_one = torch.randint(0, 2, (count,), generator=torch.Generator().manual_seed(count), dtype=torch.uint8)
+    packed = fused.pack_bits(zero_one)
+    assert packed.numel() == -(-count // 8)
+    assert torch.equal(fused._pack_bits_portable(zero_one), packed)
+    assert torch.equal(fused.unpack_bits(packed, count), zero_one)
+    assert torch.equal(fused._unpack_bits_portable(packed, count), zero_one)
+
+
+def test_backward_draws_no_masks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One draw per forward call, none in backward, single layer and q/k/v group alike."""
+    draws = []
+    original = SeededDropout.random_words
+    monkeypatch.setattr(SeededDropout, "random_words", lambda self, n: draws.append(n) or original(self, n))
+    encoder, middle, decoder = weights(torch.float32)
+    x = torch.randn(N, IN, requires_grad=True)
+    fused_dense_add(torch.zeros(N, OUT), x, encoder, middle, decoder, "gelu", 2.0, 0.1, seed=4).sum().backward()
+    bases = [torch.nn.Linear(IN, OUT).requires_grad_(False) for _ in range(3)]
+    outs = fused.fused_group_add(bases, x, [encoder] * 3, [middle] * 3, [decoder] * 3, "gelu", [2.0] * 3, 0.1, 4)
+    assert len(draws) == 2
+    sum(out.sum() for out in outs).backward()
+    assert len(draws) == 2 and x.grad is not None and encoder.grad is not None
 
 
 def test_traced_path_keeps_masks_and_matches_the_formula(monkeypatch: pytest.MonkeyPatch) -> None:
