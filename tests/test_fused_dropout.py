@@ -14,8 +14,7 @@ import torch
 from helpers import make_tiny_llama
 from peft import get_peft_model
 
-from dense_lora import DenseLoraConfig
-from dense_lora import fused
+from dense_lora import DenseLoraConfig, fused
 from dense_lora.fused import SeededDropout, fused_dense_add
 from dense_lora.layer import dense_delta
 
