@@ -157,7 +157,9 @@ def test_kept_masks_are_the_drawn_ones(dtype: torch.dtype) -> None:
 @pytest.mark.parametrize("count", [1, 7, 8, 9, 100, 1001])
 def test_portable_bit_packing_matches_numpys(count: int) -> None:
     """Devices numpy cannot reach pack and unpack with torch ops, bit for bit as numpy does on CPU."""
-    zero_one = torch.randint(0, 2, (count,), generator=torch.Generator().manual_seed(count), dtype=torch.uint8)
+    zero_one = torch.randint(
+        0, 2, (count,), generator=torch.Generator().manual_seed(count), dtype=torch.uint8
+    )
     packed = fused.pack_bits(zero_one)
     assert packed.numel() == -(-count // 8)
     assert torch.equal(fused._pack_bits_portable(zero_one), packed)
@@ -172,9 +174,13 @@ def test_backward_draws_no_masks(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(SeededDropout, "random_words", lambda self, n: draws.append(n) or original(self, n))
     encoder, middle, decoder = weights(torch.float32)
     x = torch.randn(N, IN, requires_grad=True)
-    fused_dense_add(torch.zeros(N, OUT), x, encoder, middle, decoder, "gelu", 2.0, 0.1, seed=4).sum().backward()
+    fused_dense_add(
+        torch.zeros(N, OUT), x, encoder, middle, decoder, "gelu", 2.0, 0.1, seed=4
+    ).sum().backward()
     bases = [torch.nn.Linear(IN, OUT).requires_grad_(False) for _ in range(3)]
-    outs = fused.fused_group_add(bases, x, [encoder] * 3, [middle] * 3, [decoder] * 3, "gelu", [2.0] * 3, 0.1, 4)
+    outs = fused.fused_group_add(
+        bases, x, [encoder] * 3, [middle] * 3, [decoder] * 3, "gelu", [2.0] * 3, 0.1, 4
+    )
     assert len(draws) == 2
     sum(out.sum() for out in outs).backward()
     assert len(draws) == 2 and x.grad is not None and encoder.grad is not None
