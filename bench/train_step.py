@@ -307,6 +307,16 @@ class SavedTensor:
     nodes: list[str] = field(default_factory=list)
 
 
+def is_token_shaped(tensor: torch.Tensor, settings: Settings) -> bool:
+    """Whether a saved tensor grows with the tokens (a heuristic by shape): activations have a token-count or
+    sequence-length dimension, weights do not. A flat uint8 tensor is DenseLoRA's dropout masks packed one bit
+    per element (``dense_lora.fused.pack_bits``): token-sized too."""
+    shape = list(tensor.shape)
+    if tensor.dtype == torch.uint8 and len(shape) == 1:
+        return True
+    return bool(shape) and (shape[0] == settings.tokens or settings.seq in shape)
+
+
 def _storage_key(tensor: torch.Tensor) -> tuple[str, int]:
     """Identity of the underlying storage: its data pointer, or on meta (where every pointer is 0) the address
     of the StorageImpl, which is just as unique while the tensor is alive."""
@@ -377,8 +387,7 @@ class SavedTensorRecorder:
                 shape=shape,
                 dtype=str(tensor.dtype).removeprefix("torch."),
                 module=self.tracker.current,
-                # heuristic: activations have a token-count or sequence-length dimension, weights do not
-                token_shaped=bool(shape) and (shape[0] == self.settings.tokens or self.settings.seq in shape),
+                token_shaped=is_token_shaped(tensor, self.settings),
             )
         return len(self.packed) - 1
 

@@ -108,6 +108,29 @@ def test_saved_bytes_dedupe_storages(bench: ModuleType) -> None:
     assert saved["saved_bytes"] == 2 * x_bytes
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.05])
+def test_denselora_layers_save_no_fixed_bytes_and_masks_cost_a_bit_per_element(
+    bench: ModuleType, dropout: float
+) -> None:
+    """DenseLoRA's saved tensors all grow with tokens: with dropout they include its packed masks (one bit per
+    masked element), which the shape heuristic must count as token-sized, not as weight-like "fixed" bytes."""
+    settings = bench.Settings(model="tiny", dtype="bf16", r=8, lora_alpha=16, batch=2, seq=16, dropout=dropout)
+    base = bench.build_base(settings)
+    model = bench.attach_method(base, "denselora", settings)
+    saved = bench.measure_saved(model, bench.make_batch(settings, 256), settings, "denselora", False)
+    assert [t for t in saved["tensors"] if "proj" in t["module"] and not t["token_shaped"]] == []
+    masks = [t for t in saved["tensors"] if t["dtype"] == "uint8"]
+    if dropout == 0:
+        assert masks == []
+        return
+    # per layer: q/k/v in one call (three x masks, hidden 3r, output 64 + 32 + 32), then up and down
+    tokens, hidden, kv, inter, r = 32, 64, 32, 96, 8
+    elements = [3 * hidden + 3 * r + hidden + 2 * kv, hidden + r + inter, inter + r + hidden]
+    expected = 3 * sum(tokens * count // 8 for count in elements)  # every count here is a multiple of 4 and 8
+    assert sum(t["nbytes"] for t in masks) == expected
+    assert all(t["token_shaped"] for t in masks)
+
+
 def test_only_matrix_variant_is_denselora_without_the_activation(bench: ModuleType, tmp_path: Path) -> None:
     """``denselora-only-matrix`` (opt-in) is the same adapter with the identity activation: same parameters, one
     token-sized matmul less in backward, and it is not among the default methods."""
