@@ -114,7 +114,9 @@ def test_denselora_layers_save_no_fixed_bytes_and_masks_cost_a_bit_per_element(
 ) -> None:
     """DenseLoRA's saved tensors all grow with tokens: with dropout they include its packed masks (one bit per
     masked element), which the shape heuristic must count as token-sized, not as weight-like "fixed" bytes."""
-    settings = bench.Settings(model="tiny", dtype="bf16", r=8, lora_alpha=16, batch=2, seq=16, dropout=dropout)
+    settings = bench.Settings(
+        model="tiny", dtype="bf16", r=8, lora_alpha=16, batch=2, seq=16, dropout=dropout
+    )
     base = bench.build_base(settings)
     model = bench.attach_method(base, "denselora", settings)
     saved = bench.measure_saved(model, bench.make_batch(settings, 256), settings, "denselora", False)
