@@ -87,8 +87,8 @@ class SeededDropout:
         self.device = torch.device(device)
         self.saved = list(saved)  # the packed masks of the last draw; given: what keep_many hands out again
         self.from_saved = bool(saved)
-        if self.from_saved:
-            pass  # nothing is drawn
+        if self.from_saved or self.device.type == "meta":
+            pass  # nothing is drawn (the meta device has shapes only)
         elif self.device.type == "cpu":
             self.bits = np.random.SFC64(seed)
         else:
@@ -103,6 +103,8 @@ class SeededDropout:
         if self.device.type == "cpu":
             return torch.from_numpy(self.bits.random_raw(count).view(np.int64))
         drawn = torch.empty(count, dtype=torch.int64, device=self.device)
+        if self.device.type == "meta":
+            return drawn
         return drawn.random_(-(2**63), None, generator=self.generator)  # the full range: all 64 bits
 
     def keep_many(self, *shapes: torch.Size, dtype: torch.dtype) -> list[torch.Tensor]:

@@ -186,6 +186,20 @@ def test_backward_draws_no_masks(monkeypatch: pytest.MonkeyPatch) -> None:
     assert len(draws) == 2 and x.grad is not None and encoder.grad is not None
 
 
+def test_dropout_runs_on_the_meta_device() -> None:
+    """Shape-only models (the bench's LLaMA-3-8B shape on a machine without the memory) run the fused path with
+    dropout on meta tensors: nothing is drawn, shapes and what backward keeps are the real ones."""
+    meta = torch.device("meta")
+    encoder, middle, decoder = (w.detach().to(meta).requires_grad_() for w in weights(torch.float32))
+    x = torch.empty(N, IN, device=meta, requires_grad=True)
+    out = fused_dense_add(
+        torch.empty(N, OUT, device=meta), x, encoder, middle, decoder, "gelu", 2.0, 0.1, seed=1
+    )
+    assert out.shape == (N, OUT) and out.device == meta
+    out.sum().backward()
+    assert x.grad.shape == x.shape and decoder.grad.shape == decoder.shape
+
+
 def test_traced_path_keeps_masks_and_matches_the_formula(monkeypatch: pytest.MonkeyPatch) -> None:
     """Under torch.compile there is no host seed: masks come from torch.rand in the graph and are kept for
     backward. Run that path eagerly (is_compiling patched on): values and gradients equal the plain formula fed
