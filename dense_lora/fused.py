@@ -65,7 +65,7 @@ class SeededDropout:
     """Dropout whose masks come from a private generator: the same seed gives the same masks, in order.
 
     The fused path draws the masks of x, the encoder output and the decoder output in forward and keeps them for
-    backward packed one bit per element (``saved``: 1/16 of the x-sized tensor they mask, in bf16), so backward
+    backward packed one bit per element (``saved``: a sixteenth of the bf16 tensor each one masks), so backward
     unpacks them instead of drawing them again; under checkpointing the recomputed forward draws them again from
     the same seed. Each element gets 16 random bits as a uniform int16 ``u`` and is kept when ``u >= threshold``;
     the realised probability is therefore ``p`` rounded to a multiple of 2^-16 (0.05 -> 0.0500031), and
