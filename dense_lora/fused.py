@@ -6,12 +6,12 @@ gets only what it cannot cheaply recompute:
 
 - ``x`` itself (no copy: q/k/v read the same tensor, so it is stored once for the three of them),
 - the two r-dim intermediates ``a = W_e x'`` and ``h = drop(act(a))`` (unscaled: see below),
-- the three dropout masks, one bit per element (a sixteenth of the bf16 tensor each one masks), where autograd through the formula keeps each
-  mask and each dropped tensor in the compute dtype. They come from 16 random bits per element held against a
-  threshold (``SeededDropout``, about 0.5 ns per element where ``bernoulli_`` costs ~14 on CPU); backward unpacks
-  them instead of drawing them again. Masks are 0/1 and the ``1 / (1 - p)`` factors live in the weight-sized
-  encoder and decoder product and the output scale. (Under ``torch.compile`` the masks are drawn in the graph and
-  kept as booleans: ``StoredDropout``.)
+- the three dropout masks, one bit per element (a sixteenth of the bf16 tensor each one masks), where autograd
+  through the formula keeps each mask and each dropped tensor in the compute dtype. They come from 16 random bits
+  per element held against a threshold (``SeededDropout``, about 0.5 ns per element where ``bernoulli_`` costs
+  ~14 on CPU); backward unpacks them instead of drawing them again. Masks are 0/1 and the ``1 / (1 - p)`` factors
+  live in the weight-sized encoder and decoder product and the output scale. (Under ``torch.compile`` the masks
+  are drawn in the graph and kept as booleans: ``StoredDropout``.)
 
 ``W_d M`` is formed once per call in the weights' float32 (a weight-sized product), so the token-sized work is two
 GEMMs forward, like LoRA's; backward recomputes ``z = h (W_d M)^T`` to get the activation's derivative. The
