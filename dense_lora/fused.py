@@ -515,13 +515,21 @@ def fused_group_add(
     """
     weights = [base.weight for base in bases]
     biases = tuple(base.bias for base in bases)
-    if p > 0 and seed is None:
-        seed = int(torch.randint(0, 2**62, (1,)).item())
+    if seed is None:
+        seed = _call_seed(p)
     args = (weights, biases, encoders, middles, decoders, activation, scalings, p, seed)
     if not torch.is_grad_enabled():
         return _group_forward(x, *args)[0]
     tensors = (*weights, *encoders, *middles, *decoders)
     return list(_DenseLoraGroupFunction.apply(x, activation, tuple(scalings), biases, p, seed, *tensors))
+
+
+def _call_seed(p: float) -> int | None:
+    """A fresh dropout seed for one call, from torch's CPU RNG (``torch.manual_seed`` makes runs reproducible, no
+    device synchronisation); None without dropout, or under ``torch.compile``, where masks are drawn in the graph."""
+    if p == 0 or torch.compiler.is_compiling():
+        return None
+    return int(torch.randint(0, 2**62, (1,)).item())
 
 
 def _scaled(weight: torch.Tensor, c: float, dtype: torch.dtype) -> torch.Tensor:
@@ -597,8 +605,8 @@ def fused_dense_add(
             base, weight, bias = None, base.weight, base.bias
         else:
             base = base(x)
-    if p > 0 and seed is None and not torch.compiler.is_compiling():
-        seed = int(torch.randint(0, 2**62, (1,)).item())
+    if seed is None:
+        seed = _call_seed(p)
     # without autograd (generation), skip the Function's bookkeeping: it costs as much as the adapter's small GEMMs
     run = _DenseLoraFunction.apply if torch.is_grad_enabled() else lambda *args: _dense_forward(*args)[0]
     args = (base, weight, bias, x, encoder, middle, decoder, activation, scaling, p, seed)
