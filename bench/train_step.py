@@ -231,14 +231,23 @@ def make_batch(settings: Settings, vocab_size: int) -> dict[str, torch.Tensor]:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def train_step(model: nn.Module, batch: dict[str, torch.Tensor], method: str) -> float:
+def train_step(
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    method: str,
+    phase: Callable[[str], contextlib.AbstractContextManager[Any]] | None = None,
+) -> float:
     """Forward + backward of the causal-LM loss. Gradients are dropped before the step (as
-    ``zero_grad(set_to_none=True)`` does), so allocating them is part of every step."""
+    ``zero_grad(set_to_none=True)`` does), so allocating them is part of every step. ``phase(name)``, when
+    given, wraps the "forward" and the "backward" (bench/profile_step.py marks them for the profiler)."""
+    phase = phase or (lambda name: contextlib.nullcontext())
     for param in model.parameters():
         param.grad = None
     with method_context(method):
-        loss = model(**batch).loss
-        loss.backward()
+        with phase("forward"):
+            loss = model(**batch).loss
+        with phase("backward"):
+            loss.backward()
     return float(loss.detach().float()) if loss.device.type != "meta" else float("nan")
 
 

@@ -12,7 +12,7 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 
 import pytest
 import torch
@@ -215,3 +215,82 @@ def test_gpu_plan_is_valid_commands_and_needs_cuda(bench: ModuleType, tmp_path: 
     refused = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True)
     assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
     assert "needs a CUDA device" in refused.stderr and not (tmp_path / "gpu").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# bench/profile_step.py: ops charged to the method and phase they ran in
+# ----------------------------------------------------------------------------------------------------------
+
+
+def fake_event(name: str, start: float, end: float, self_us: float = 0.0) -> SimpleNamespace:
+    return SimpleNamespace(
+        name=name, time_range=SimpleNamespace(start=start, end=end), self_cpu_time_total=self_us
+    )
+
+
+def test_profile_charges_each_op_to_the_phase_and_method_it_ran_in() -> None:
+    profiler = load_bench_script("profile_step")
+    events = [
+        fake_event("forward lora", 0, 100),
+        fake_event("aten::mm", 10, 20, 10),
+        fake_event("backward lora", 100, 300),
+        fake_event("aten::mm", 150, 190, 40),
+        fake_event("aten::zero_", 310, 320, 10),  # between phases: charged to nobody
+        fake_event("forward denselora", 400, 450),
+        fake_event("aten::mm", 410, 420, 8),
+        fake_event("aten::gelu", 420, 430, 6),
+        fake_event("backward denselora", 450, 650),
+        fake_event("aten::gelu_backward", 500, 520, 20),
+    ]
+    report = profiler.charge(events, steps=2)
+    assert list(report) == ["denselora", "lora"]  # the project's order, not the profile's
+    assert report["lora"]["phases_ms"] == {"forward": 0.05, "backward": 0.1}
+    assert report["lora"]["ops_ms"] == {"aten::mm": {"forward": 0.005, "backward": 0.02}}
+    assert report["denselora"]["ops_ms"] == {
+        "aten::mm": {"forward": 0.004},
+        "aten::gelu": {"forward": 0.003},
+        "aten::gelu_backward": {"backward": 0.01},
+    }
+
+
+def test_profile_step_runs_interleaved_on_the_tiny_model(tmp_path: Path) -> None:
+    profiler = load_bench_script("profile_step")
+    out = tmp_path / "profile.json"
+    profiler.main(
+        [
+            "--model",
+            "tiny",
+            "--batch",
+            "1",
+            "--seq",
+            "16",
+            "--steps",
+            "2",
+            "--dropout",
+            "0",
+            "--out",
+            str(out),
+        ]
+    )
+    methods = json.loads(out.read_text())["methods"]
+    assert list(methods) == ["denselora", "lora", "frozen"]
+    for method, report in methods.items():
+        phases = report["phases_ms"]
+        assert phases["forward"] > 0 and phases["backward"] > 0, method
+        charged = sum(sum(cell.values()) for cell in report["ops_ms"].values())
+        assert 0 < charged <= phases["forward"] + phases["backward"], (
+            method
+        )  # self times fit inside the phases
+    dense = methods["denselora"]["ops_ms"]
+    assert set(dense["_DenseLoraGroupFunction"]) == {"forward"}  # the fused path ran, q/k/v together
+    assert set(dense["_DenseLoraGroupFunctionBackward"]) == {"backward"}
+    assert "aten::gelu_backward" in dense and "aten::gelu_backward" not in methods["lora"]["ops_ms"]
+    assert not any(name.startswith("_DenseLora") for name in methods["frozen"]["ops_ms"])
+
+
+def test_profile_step_rejects_bad_arguments_before_loading_anything(capsys: pytest.CaptureFixture) -> None:
+    profiler = load_bench_script("profile_step")
+    with pytest.raises(SystemExit) as exit_info:
+        profiler.main(["--steps", "0"])
+    assert exit_info.value.code == 2
+    assert "--steps must be at least 1" in capsys.readouterr().err
