@@ -63,13 +63,16 @@ def profile_interleaved(bench, models: dict[str, torch.nn.Module], batch, steps:
     return list(prof.events())
 
 
+def phase_mark(event) -> tuple[str, str] | None:
+    """(phase, method) when ``event`` is one of the ranges ``profile_interleaved`` marks, else None."""
+    words = event.name.split(" ")
+    return (words[0], words[1]) if len(words) == 2 and words[0] in PHASES else None
+
+
 def charge(events: list, steps: int) -> dict[str, Any]:
-    """Per method: ms per step of each phase, and {op: {phase: self ms per step}} for the ops inside them."""
-    marks = sorted(
-        (e.time_range.start, e.time_range.end, *e.name.split(" "))
-        for e in events
-        if e.name.split(" ")[0] in PHASES and e.name.count(" ") == 1
-    )
+    """Per method: ms per step of each phase, and per op the self ms per step in each phase and the calls per step,
+    for the ops inside the marked ranges."""
+    marks = sorted((e.time_range.start, e.time_range.end, *phase_mark(e)) for e in events if phase_mark(e))
     starts = [mark[0] for mark in marks]
     marked = {mark[3] for mark in marks}
     phases = {
@@ -77,18 +80,18 @@ def charge(events: list, steps: int) -> dict[str, Any]:
         for m in sorted(marked, key=lambda m: METHODS.index(m) if m in METHODS else len(METHODS))
     }
     ops: dict[str, dict[str, dict[str, float]]] = {m: collections.defaultdict(dict) for m in phases}
+    calls: dict[str, dict[str, float]] = {m: collections.defaultdict(float) for m in phases}
     for start, end, phase, method in marks:
         phases[method][phase] += (end - start) / 1e3 / steps
     for event in events:
-        if event.name.split(" ")[0] in PHASES and event.name.count(" ") == 1:
-            continue
         i = bisect.bisect_right(starts, event.time_range.start) - 1
-        if i < 0 or event.time_range.start > marks[i][1]:
-            continue  # between phases (dropping gradients, the loop itself)
+        if phase_mark(event) or i < 0 or event.time_range.start > marks[i][1]:
+            continue  # a mark itself, or between phases (dropping gradients, the loop itself)
         _, _, phase, method = marks[i]
         cell = ops[method][event.name]
         cell[phase] = cell.get(phase, 0.0) + event.self_cpu_time_total / 1e3 / steps
-    return {m: {"phases_ms": phases[m], "ops_ms": dict(ops[m])} for m in phases}
+        calls[method][event.name] += 1 / steps
+    return {m: {"phases_ms": phases[m], "ops_ms": dict(ops[m]), "calls": dict(calls[m])} for m in phases}
 
 
 def total(cell: dict[str, float]) -> float:
@@ -107,14 +110,17 @@ def print_report(report: dict[str, Any], top: int) -> None:
     def extra(name: str) -> float:
         return total(ops["denselora"].get(name, {})) - total(ops["lora"].get(name, {}))
 
+    calls = {m: report[m]["calls"] for m in methods}
     print(
         f"\n{'op (self ms per step; fwd + bwd)':52s}"
         + "".join(f" {m[:10]:>10s}" for m in methods)
         + "  DL - LoRA"
+        + "".join(f" {'calls ' + m[:4]:>10s}" for m in methods)
     )
     for name in sorted(set().union(*ops.values()), key=lambda n: -abs(extra(n)))[:top]:
         cells = "".join(f" {total(ops[m].get(name, {})):10.2f}" for m in methods)
-        print(f"{name[:52]:52s}{cells} {extra(name):+10.2f}")
+        counts = "".join(f" {calls[m].get(name, 0):10.0f}" for m in methods)
+        print(f"{name[:52]:52s}{cells} {extra(name):+10.2f}{counts}")
 
 
 def main(argv: list[str] | None = None) -> None:

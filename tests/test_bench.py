@@ -251,6 +251,8 @@ def test_profile_charges_each_op_to_the_phase_and_method_it_ran_in() -> None:
         "aten::gelu": {"forward": 0.003},
         "aten::gelu_backward": {"backward": 0.01},
     }
+    assert report["lora"]["calls"] == {"aten::mm": 1.0}  # two calls over two steps
+    assert report["denselora"]["calls"] == {"aten::mm": 0.5, "aten::gelu": 0.5, "aten::gelu_backward": 0.5}
 
 
 def test_profile_step_runs_interleaved_on_the_tiny_model(tmp_path: Path) -> None:
