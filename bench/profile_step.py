@@ -72,7 +72,8 @@ def phase_mark(event) -> tuple[str, str] | None:
 def charge(events: list, steps: int) -> dict[str, Any]:
     """Per method: ms per step of each phase, and per op the self ms per step in each phase and the calls per step,
     for the ops inside the marked ranges."""
-    marks = sorted((e.time_range.start, e.time_range.end, *phase_mark(e)) for e in events if phase_mark(e))
+    tagged = [(event, phase_mark(event)) for event in events]
+    marks = sorted((e.time_range.start, e.time_range.end, *mark) for e, mark in tagged if mark)
     starts = [mark[0] for mark in marks]
     marked = {mark[3] for mark in marks}
     phases = {
@@ -83,9 +84,9 @@ def charge(events: list, steps: int) -> dict[str, Any]:
     calls: dict[str, dict[str, float]] = {m: collections.defaultdict(float) for m in phases}
     for start, end, phase, method in marks:
         phases[method][phase] += (end - start) / 1e3 / steps
-    for event in events:
+    for event, mark in tagged:
         i = bisect.bisect_right(starts, event.time_range.start) - 1
-        if phase_mark(event) or i < 0 or event.time_range.start > marks[i][1]:
+        if mark or i < 0 or event.time_range.start > marks[i][1]:
             continue  # a mark itself, or between phases (dropping gradients, the loop itself)
         _, _, phase, method = marks[i]
         cell = ops[method][event.name]

@@ -258,31 +258,16 @@ def test_profile_charges_each_op_to_the_phase_and_method_it_ran_in() -> None:
 def test_profile_step_runs_interleaved_on_the_tiny_model(tmp_path: Path) -> None:
     profiler = load_bench_script("profile_step")
     out = tmp_path / "profile.json"
-    profiler.main(
-        [
-            "--model",
-            "tiny",
-            "--batch",
-            "1",
-            "--seq",
-            "16",
-            "--steps",
-            "2",
-            "--dropout",
-            "0",
-            "--out",
-            str(out),
-        ]
-    )
+    argv = ["--model", "tiny", "--batch", "1", "--seq", "16", "--steps", "2", "--dropout", "0"]
+    profiler.main([*argv, "--out", str(out)])
     methods = json.loads(out.read_text())["methods"]
     assert list(methods) == ["denselora", "lora", "frozen"]
     for method, report in methods.items():
         phases = report["phases_ms"]
         assert phases["forward"] > 0 and phases["backward"] > 0, method
         charged = sum(sum(cell.values()) for cell in report["ops_ms"].values())
-        assert 0 < charged <= phases["forward"] + phases["backward"], (
-            method
-        )  # self times fit inside the phases
+        # self times fit inside the phases
+        assert 0 < charged <= phases["forward"] + phases["backward"], method
     dense = methods["denselora"]["ops_ms"]
     assert set(dense["_DenseLoraGroupFunction"]) == {"forward"}  # the fused path ran, q/k/v together
     assert set(dense["_DenseLoraGroupFunctionBackward"]) == {"backward"}
