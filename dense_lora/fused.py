@@ -248,13 +248,23 @@ def _dense_forward(base, weight, bias, x, encoder, middle, decoder, activation, 
     if base is None:
         out = F.linear(x, weight, bias).view(y.shape)
         if keep_y is None:
-            out.add_(y, alpha=scaling * c)
+            out = _add_scaled(out, y, scaling * c)
         else:  # out += s c (y * k_y) in one pass
             out.addcmul_(y, keep_y, value=scaling * c)
         return out.view(*x.shape[:-1], out.shape[-1]), a, h, dropout
     if keep_y is not None:
         y.mul_(keep_y)
-    return torch.add(base, y.reshape(*base.shape).to(base.dtype), alpha=scaling * c), a, h, dropout
+    return _add_scaled(base, y.reshape(*base.shape).to(base.dtype), scaling * c, inplace=False), a, h, dropout
+
+
+def _add_scaled(out: torch.Tensor, y: torch.Tensor, scale: float, inplace: bool = True) -> torch.Tensor:
+    """``out + scale * y``: one kernel in eager mode (``add`` with ``alpha``). Under ``torch.compile`` the
+    product is written out instead: Inductor (torch 2.13, CPU) folds a matrix product followed by an ``add`` with
+    ``alpha`` into one ``addmm`` and gets the result wrong (``tests/test_fused_dropout.py`` compares a compiled
+    step's loss and gradients with the eager ones); it fuses the multiply into the add, so this costs nothing."""
+    if torch.compiler.is_compiling():
+        return out + y * scale
+    return out.add_(y, alpha=scale) if inplace else torch.add(out, y, alpha=scale)
 
 
 class _DenseLoraFunction(torch.autograd.Function):

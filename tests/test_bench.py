@@ -85,6 +85,17 @@ def test_paired_ratios_pair_each_repeat(bench: ModuleType) -> None:
     assert bench.paired_ratios([3.0], [2.0]) == (1.5, (1.5, 1.5))
 
 
+def test_median_interval_is_the_binomial_order_statistics(bench: ModuleType) -> None:
+    """95% interval of the median: ranks 10 and 21 of 30 (P(Bin(30, 1/2) <= 9) = 0.021 <= 0.025 < P(<= 10)),
+    ranks 6 and 15 of 20, the range below 6 values; the order of the values does not matter."""
+    thirty = [float(v) for v in range(30, 0, -1)]
+    assert bench.median_interval(thirty) == (10.0, 21.0)
+    assert bench.median_interval([float(v) for v in range(1, 21)]) == (6.0, 15.0)
+    assert bench.median_interval([3.0, 1.0, 2.0]) == (1.0, 3.0)
+    assert bench.median_interval([1.0, 2.0, 3.0, 4.0, 5.0, 6.0]) == (1.0, 6.0)  # P(count = 0) = 1/64 <= 0.025
+    assert bench.median_interval([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0], level=0.5) == (3.0, 6.0)
+
+
 def test_saved_bytes_dedupe_storages(bench: ModuleType) -> None:
     """A storage saved by several ops (the same normed input feeds q, k and v) is counted once."""
     import torch

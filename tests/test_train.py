@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, read_metrics, small_run
+from helpers import REPO, adapter, read_metrics, small_run
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -167,6 +167,44 @@ def test_folder_written_before_the_rename_still_resumes(tmp_path):
     check_output_dir(config)  # same run: accepted
     with pytest.raises(TrainError, match="differs in method"):
         check_output_dir(TrainConfig(base_model="x", output_dir=str(tmp_path), method="dora"))
+
+
+def test_a_run_from_before_torch_compile_resumes_eagerly(tmp_path):
+    """A run_config.json without the field was an eager run: it resumes without --torch_compile, not with it."""
+    config = TrainConfig(base_model="x", output_dir=str(tmp_path))
+    old = config.fingerprint()
+    del old["torch_compile"]
+    (tmp_path / "run_config.json").write_text(json.dumps(old))
+    (tmp_path / "adapter_config.json").write_text("{}")
+    check_output_dir(config)  # same run: accepted
+    with pytest.raises(TrainError, match="differs in torch_compile"):
+        check_output_dir(TrainConfig(base_model="x", output_dir=str(tmp_path), torch_compile=True))
+
+
+def test_torch_compile_flag_compiles_the_run(tiny_base, train_file, tmp_path):
+    """--torch_compile hands the model to torch.compile (the Trainer's torch_compile) and the run really compiles.
+    Its first step sees the eager run's loss and it saves the adapter under the same names. Later steps are not
+    compared: at step 2 Adam moves every element by about the learning rate whatever the size of its first
+    nonzero gradient, so float rounding differences in near-zero gradients become 1e-2 apart. The compiled
+    gradients themselves are compared with the eager ones in tests/test_fused_dropout.py."""
+    from torch._dynamo.utils import counters
+
+    settings = dict(max_steps=2, val_set_size=0, lora_dropout=0.0)
+    run(TrainConfig(**small_run(tiny_base, train_file, tmp_path / "eager", **settings)))
+    counters.clear()
+    summary = run(
+        TrainConfig(**small_run(tiny_base, train_file, tmp_path / "compiled", torch_compile=True, **settings))
+    )
+    assert counters["stats"]["unique_graphs"] >= 1, dict(counters["stats"])
+    assert summary["global_step"] == 2
+    assert json.loads((tmp_path / "compiled" / "run_config.json").read_text())["torch_compile"] is True
+    first = [
+        next(m["loss"] for m in read_metrics(tmp_path / name) if "loss" in m)
+        for name in ("eager", "compiled")
+    ]
+    assert first[1] == pytest.approx(first[0], rel=1e-5)
+    compiled, eager = adapter(tmp_path / "compiled"), adapter(tmp_path / "eager")
+    assert compiled.keys() == eager.keys() and all(torch.isfinite(t).all() for t in compiled.values())
 
 
 def test_bf16_run_keeps_float32_trainable_weights(tiny_base, train_file, tmp_path):

@@ -242,6 +242,7 @@ def training_arguments(config: TrainConfig, accumulation: int, has_validation: b
             activation_checkpointing=config.use_gradient_checkpointing
             and not (config.load_8bit or config.load_4bit),
             activation_checkpointing_kwargs={"use_reentrant": False},
+            torch_compile=config.torch_compile,
             include_num_input_tokens_seen="non_padding",
             remove_unused_columns=False,
             report_to=report_to,

@@ -120,7 +120,8 @@ def _saved_fingerprint(saved_file: Path) -> dict:
         raise TrainError(f"{saved_file} is not valid JSON; pass --overwrite to replace the run") from None
     if "adapter_name" in saved and "method" not in saved:  # written before --adapter_name became --method
         saved["method"] = saved.pop("adapter_name")
-    return {"packing": False, **saved}  # a run_config.json written before --packing existed is a padded run
+    # a run_config.json written before --packing existed is a padded run, one before --torch_compile an eager run
+    return {"packing": False, "torch_compile": False, **saved}
 
 
 def resolve_resume(config: TrainConfig) -> str | None:
