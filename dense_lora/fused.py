@@ -518,11 +518,19 @@ def fused_group_add(
     """``[W_i x + b_i + s_i drop(act(W_d,i M_i drop(act(W_e,i drop(x))))) for each base i]``: sibling layers that
     read one ``x`` (q, k and v), computed in one call.
 
-    Each base is a frozen ``nn.Linear`` in ``x``'s dtype (the caller checks). Per member, the same function and
+    Each base is a frozen ``nn.Linear`` in the dtype the products run in (``runs_base_itself``: the caller checks);
+    under autocast ``x`` is cast to autocast's dtype and the call runs with autocast off. Per member, the same function and
     gradients as ``fused_dense_add``; with dropout each member has its own masks, all drawn from one seed (taken
     from torch's CPU RNG when not given) and kept packed for backward. Backward writes every member's input gradient
     into one buffer.
     """
+    device_type = x.device.type
+    if autocast_enabled(
+        device_type
+    ):  # what autocast would run: the products in its dtype, nothing recast inside
+        with torch.autocast(device_type, enabled=False):
+            cast = x.to(torch.get_autocast_dtype(device_type))
+            return fused_group_add(bases, cast, encoders, middles, decoders, activation, scalings, p, seed)
     weights = [base.weight for base in bases]
     biases = tuple(base.bias for base in bases)
     if seed is None:
@@ -576,14 +584,23 @@ def _autocast_disabled(device_type: str):
     return nullcontext()
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a layer's products run in for input ``x``: autocast's for x's device when autocast is on, else x's."""
+    device_type = x.device.type
+    return torch.get_autocast_dtype(device_type) if autocast_enabled(device_type) else x.dtype
+
+
 def runs_base_itself(base: nn.Module, x: torch.Tensor) -> bool:
     """Whether the fused path computes ``base``'s product itself (and adds the input gradients in place): a frozen
-    torch ``nn.Linear`` already in ``x``'s dtype, autocast off. Other bases hand the fused path their output."""
+    torch ``nn.Linear`` whose weight (and bias) is already in the dtype its product runs in (``compute_dtype``).
+    Under autocast that is a base loaded in autocast's dtype (``finetune.py --bf16`` loads the base in bfloat16 and
+    trains under bfloat16 autocast): its product computed inside is the one autocast would compute. Other bases
+    hand the fused path their output."""
     weight, bias = base.weight, base.bias
     frozen = not weight.requires_grad and (bias is None or not bias.requires_grad)
-    return (
-        type(base) is nn.Linear and frozen and weight.dtype == x.dtype and not autocast_enabled(x.device.type)
-    )
+    dtype = compute_dtype(x)
+    in_dtype = weight.dtype == dtype and (bias is None or bias.dtype == dtype)
+    return type(base) is nn.Linear and frozen and in_dtype
 
 
 def fused_dense_add(

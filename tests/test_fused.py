@@ -198,6 +198,37 @@ def test_fused_under_autocast_and_backward_inside_autocast(tiny_inputs):
     assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
 
 
+def test_bf16_base_under_autocast_stays_on_the_fused_path(tiny_inputs):
+    """``finetune.py --bf16`` loads the base in bfloat16 and trains under bfloat16 autocast. There the fused path
+    still runs the frozen products itself, q, k and v in one call (no base layer's forward runs), and the loss and
+    gradients equal the plain formula's under the same autocast, to bfloat16 precision."""
+
+    def step(reference: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[str]]:
+        config = DenseLoraConfig(r=8, init_weights=False, init_seed=0)
+        model = get_peft_model(make_tiny_llama(dtype=torch.bfloat16), config).train()
+        called: list[str] = []
+        for name, module in model.named_modules():
+            if name.endswith("_proj.base_layer"):
+                module.register_forward_hook(lambda *args, name=name: called.append(name))
+        with reference_implementation(reference), torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(**tiny_inputs, labels=tiny_inputs["input_ids"]).loss
+            loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        return loss.detach().float(), grads, called
+
+    fused_loss, fused_grads, fused_called = step(reference=False)
+    plain_loss, plain_grads, plain_called = step(reference=True)
+    assert (
+        fused_called == [] and len(plain_called) == 3 * 5
+    )  # the 5 adapted Linears of 3 layers, in the reference
+    torch.testing.assert_close(fused_loss, plain_loss, rtol=1e-2, atol=0)
+    assert fused_grads.keys() == plain_grads.keys()
+    for name, grad in plain_grads.items():
+        assert fused_grads[name].dtype == torch.float32 and grad.abs().sum() > 0, name
+        scale = grad.abs().max()
+        torch.testing.assert_close(fused_grads[name], grad, rtol=0, atol=0.05 * scale, msg=name)
+
+
 @pytest.mark.parametrize("base_is_module", [False, True])
 def test_fused_without_autograd_gives_the_same_output(base_is_module):
     """Generation runs under no_grad/inference_mode, where the function skips autograd's bookkeeping."""
