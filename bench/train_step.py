@@ -90,6 +90,9 @@ class Settings:
     threads: int = 0  # torch CPU threads; 0 keeps torch's default
     dropout: float = 0.05  # adapter dropout of every method: the recipe's (LLM-Adapters trains with 0.05)
     compile: bool = False  # time torch.compile'd models (FLOPs and saved bytes are still counted eagerly)
+    # every step under bf16 autocast, as finetune.py --bf16 trains (a bf16 base, the Trainer's autocast): peft LoRA
+    # then runs its adapter in bf16, not in its float32 weights' dtype
+    autocast: bool = False
 
     @property
     def tokens(self) -> int:
@@ -773,6 +776,13 @@ def add_ratios(results: dict[str, MethodResult]) -> None:
             result.saved_over_frozen_ratio_to_lora = result.saved_over_frozen_per_token / lora_over
 
 
+def step_autocast(settings: Settings) -> contextlib.AbstractContextManager[Any]:
+    """bf16 autocast around the counted, timed and memory-probed steps with ``--autocast``; nothing otherwise."""
+    if not settings.autocast:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(settings.device).type, dtype=torch.bfloat16)
+
+
 def run_setting(
     settings: Settings, log: Callable[[str], None], measure_memory: bool = True
 ) -> list[MethodResult]:
@@ -780,10 +790,11 @@ def run_setting(
     them for speed)."""
     base = build_base(settings)
     batch = make_batch(settings, base.config.vocab_size)
-    models, results, failures = count_methods(settings, base, batch, log)
-    del base
-    if not uses_meta(settings):
-        time_methods(settings, models, results, batch, log)
+    with step_autocast(settings):
+        models, results, failures = count_methods(settings, base, batch, log)
+        del base
+        if not uses_meta(settings):
+            time_methods(settings, models, results, batch, log)
     models.clear()
     if measure_memory and not uses_meta(settings):
         measure_peak_memory(settings, results, log)
@@ -919,7 +930,9 @@ def render_block(report: dict[str, Any]) -> str:
     block = [
         "",
         f"### {date} — {settings.model}, {settings.dtype}, batch {settings.batch}×{settings.seq}, r={settings.r}, "
-        f"QKVUD, dropout {settings.dropout:g}" + (", torch.compile" if settings.compile else ""),
+        f"QKVUD, dropout {settings.dropout:g}"
+        + (", torch.compile" if settings.compile else "")
+        + (", bf16 autocast" if settings.autocast else ""),
         "",
         f"- command: `{report['command']}`",
         f"- machine: {info['cpu']}, {info['cores']} cores ({info['torch_threads']} torch threads)"
@@ -965,6 +978,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument(
         "--compile", action="store_true", help="time torch.compile'd models (warm-up compiles)"
+    )
+    parser.add_argument(
+        "--autocast",
+        action="store_true",
+        help="run every step under bf16 autocast, as finetune.py --bf16 trains (peft LoRA then computes in bf16)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -1026,6 +1044,7 @@ def settings_for(args: argparse.Namespace, checkpointing: bool) -> Settings:
         threads=args.threads or 0,
         dropout=args.dropout,
         compile=args.compile,
+        autocast=args.autocast,
     )
 
 
@@ -1040,7 +1059,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         settings = Settings(**json.loads(args._settings))
         if settings.threads:
             torch.set_num_threads(settings.threads)
-        memory = peak_memory_probe(settings, args._probe_memory)
+        with step_autocast(settings):
+            memory = peak_memory_probe(settings, args._probe_memory)
         print(json.dumps({**memory, "blobs": CODE_STATE.get("blobs")}))
         return {}
     command = "python bench/train_step.py " + " ".join(

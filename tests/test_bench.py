@@ -75,6 +75,24 @@ def test_tiny_run_reports_sane_numbers(bench: ModuleType, tmp_path: Path) -> Non
     )
 
 
+def test_autocast_runs_what_finetune_bf16_runs(bench: ModuleType, tmp_path: Path) -> None:
+    """--autocast times every step under bf16 autocast, as finetune.py --bf16 trains a bf16 base. DenseLoRA keeps
+    its fused path there (the same tensors saved for backward as without autocast), while peft LoRA computes its
+    adapter in bf16 and no longer keeps float32 copies of its inputs."""
+    saved = {}
+    for autocast in (False, True):
+        out = tmp_path / f"run-{autocast}.json"
+        argv = ["--model", "tiny", "--dtype", "bf16", "--methods", "denselora,lora,frozen", "--repeats", "1"]
+        argv += ["--warmup", "0", "--no_memory", "--out", str(out), "--results", str(tmp_path / "RESULTS.md")]
+        bench.main(argv + (["--autocast"] if autocast else []))
+        (run,) = json.loads(out.read_text())["runs"]
+        assert run["settings"]["autocast"] is autocast
+        saved[autocast] = {r["method"]: r["saved_bytes_per_token"] for r in run["results"]}
+    assert saved[True]["denselora"] == saved[False]["denselora"]
+    assert saved[True]["lora"] < saved[False]["lora"]
+    assert "dropout 0.05, bf16 autocast" in (tmp_path / "RESULTS.md").read_text()
+
+
 def test_paired_ratios_pair_each_repeat(bench: ModuleType) -> None:
     """Each repeat's step over LoRA's step of the same repeat: a machine that slows down for two repeats moves
     both methods' times, not their ratio."""
