@@ -518,16 +518,14 @@ def fused_group_add(
     """``[W_i x + b_i + s_i drop(act(W_d,i M_i drop(act(W_e,i drop(x))))) for each base i]``: sibling layers that
     read one ``x`` (q, k and v), computed in one call.
 
-    Each base is a frozen ``nn.Linear`` in the dtype the products run in (``runs_base_itself``: the caller checks);
-    under autocast ``x`` is cast to autocast's dtype and the call runs with autocast off. Per member, the same function and
-    gradients as ``fused_dense_add``; with dropout each member has its own masks, all drawn from one seed (taken
-    from torch's CPU RNG when not given) and kept packed for backward. Backward writes every member's input gradient
-    into one buffer.
+    Each base is a frozen ``nn.Linear`` in the dtype the products run in (``runs_base_itself``: the caller
+    checks); under autocast ``x`` is cast to autocast's dtype and the call runs with autocast off, which computes
+    what autocast would. Per member, the same function and gradients as ``fused_dense_add``; with dropout each
+    member has its own masks, all drawn from one seed (taken from torch's CPU RNG when not given) and kept packed
+    for backward. Backward writes every member's input gradient into one buffer.
     """
     device_type = x.device.type
-    if autocast_enabled(
-        device_type
-    ):  # what autocast would run: the products in its dtype, nothing recast inside
+    if autocast_enabled(device_type):
         with torch.autocast(device_type, enabled=False):
             cast = x.to(torch.get_autocast_dtype(device_type))
             return fused_group_add(bases, cast, encoders, middles, decoders, activation, scalings, p, seed)
