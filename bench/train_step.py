@@ -729,10 +729,14 @@ def measure_peak_memory(
             results[method].peak_mib = results[method].step_peak_mib = None
 
 
+def step_ratios(times: list[float], baseline: list[float]) -> list[float]:
+    """``times[i] / baseline[i]``: each repeat's ratio, steps taken back to back."""
+    return [t / b for t, b in zip(times, baseline, strict=True)]
+
+
 def paired_ratios(times: list[float], baseline: list[float]) -> tuple[float, tuple[float, float]]:
-    """Median and (first, third) quartile of ``times[i] / baseline[i]``: each repeat's ratio, steps taken
-    back to back."""
-    ratios = [t / b for t, b in zip(times, baseline, strict=True)]
+    """Median and (first, third) quartile of ``step_ratios(times, baseline)``."""
+    ratios = step_ratios(times, baseline)
     if len(ratios) == 1:
         return ratios[0], (ratios[0], ratios[0])
     first, _, third = statistics.quantiles(ratios, n=4, method="inclusive")
@@ -766,8 +770,7 @@ def add_ratios(results: dict[str, MethodResult]) -> None:
             result.paired_ratio_to_lora, result.paired_ratio_quartiles = paired_ratios(
                 result.step_times_s, lora.step_times_s
             )
-            ratios = [t / b for t, b in zip(result.step_times_s, lora.step_times_s, strict=True)]
-            result.paired_ratio_ci95 = median_interval(ratios)
+            result.paired_ratio_ci95 = median_interval(step_ratios(result.step_times_s, lora.step_times_s))
         if frozen:
             result.saved_over_frozen_per_token = result.saved_bytes_per_token - frozen.saved_bytes_per_token
     lora_over = lora.saved_over_frozen_per_token if lora else None

@@ -526,8 +526,8 @@ def fused_group_add(
     """
     device_type = x.device.type
     if autocast_enabled(device_type):
+        cast = x.to(compute_dtype(x))
         with torch.autocast(device_type, enabled=False):
-            cast = x.to(torch.get_autocast_dtype(device_type))
             return fused_group_add(bases, cast, encoders, middles, decoders, activation, scalings, p, seed)
     weights = [base.weight for base in bases]
     biases = tuple(base.bias for base in bases)
