@@ -127,7 +127,10 @@ def varlen_sdpa_attention(
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    lengths = _record_lengths(kwargs.get("position_ids"))
+    # Under torch.compile, splitting per record would need the lengths on the host: a graph break in every layer,
+    # and a recompilation for every new set of lengths. There transformers' block-diagonal mask (built in the
+    # graph from the same position ids) computes the same function.
+    lengths = None if torch.compiler.is_compiling() else _record_lengths(kwargs.get("position_ids"))
     sliding = getattr(module, "sliding_window", None) or kwargs.get("sliding_window")
     if lengths is None or sliding or query.shape[2] != key.shape[2]:
         return sdpa_attention_forward(

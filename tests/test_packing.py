@@ -146,6 +146,39 @@ def test_smollm2_real_records_packed_equals_padded(smollm2_dir: Path) -> None:
     compare_paths(model, tokenizer.pad_token_id, features, ("sdpa", PACKED_SDPA), rtol=2e-4, atol=2e-6)
 
 
+def test_compiled_packed_attention_stays_in_one_graph() -> None:
+    """Under torch.compile the per-record attention would need the record lengths on the host: a graph break in
+    every layer and a recompilation for every new set of lengths (``finetune.py --torch_compile`` with packing,
+    the default, then ran mostly eagerly). Compiled, two packed batches of different record lengths run without a
+    graph break, and their losses and gradients are the eager per-record path's."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    config = DenseLoraConfig(r=4, target_modules=list(DEFAULT_TARGET_MODULES), init_weights=False, init_seed=0)
+    model = get_peft_model(make_tiny_llama(use_cache=False), config).train()
+    assert enable_packed_attention(model)
+    generator = torch.Generator().manual_seed(1)
+    batches = []
+    for lengths in ((7, 12, 3), (5, 9, 9, 4)):
+        features = []
+        for length in lengths:
+            ids = torch.randint(3, 250, (length,), generator=generator).tolist()
+            features.append({"input_ids": ids, "labels": ids})
+        batches.append(PackedCollator()(features))
+    eager = [loss_and_gradients(model, batch, 1) for batch in batches]
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, backend="aot_eager")
+    for batch, (want_loss, want) in zip(batches, eager, strict=True):
+        loss = loss_and_gradients(compiled, batch, 1)[0]
+        grads = {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+        torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
+        for name in want:
+            torch.testing.assert_close(grads[name], want[name], rtol=1e-4, atol=1e-6)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] >= 1
+
+
 def test_packing_is_refused_where_boundaries_would_leak() -> None:
     model = make_tiny_llama(use_cache=False)
     assert packing_unsupported_reason(model) is None
