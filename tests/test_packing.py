@@ -154,7 +154,9 @@ def test_compiled_packed_attention_stays_in_one_graph() -> None:
     from torch._dynamo.utils import counters
 
     torch.manual_seed(0)
-    config = DenseLoraConfig(r=4, target_modules=list(DEFAULT_TARGET_MODULES), init_weights=False, init_seed=0)
+    config = DenseLoraConfig(
+        r=4, target_modules=list(DEFAULT_TARGET_MODULES), init_weights=False, init_seed=0
+    )
     model = get_peft_model(make_tiny_llama(use_cache=False), config).train()
     assert enable_packed_attention(model)
     generator = torch.Generator().manual_seed(1)
