@@ -398,7 +398,7 @@ TRAIN_HELP: dict[str, str] = {
     "load_8bit": "bitsandbytes 8-bit base model",
     "load_4bit": "bitsandbytes 4-bit NF4 base model",
     "use_gradient_checkpointing": "recompute activations in backward to save memory",
-    "torch_compile": "torch.compile the model: minutes of compiling first, then faster steps where it pays (docs/training.md)",
+    "torch_compile": "torch.compile the model: minutes of compiling first; slower than eager on CPU (docs/training.md)",
     "packing": "padding-free batches: a micro-batch's records in one row, per-record positions (false: padded)",
     "trust_remote_code": "allow model code from the hub (off: never run downloaded code)",
     "resume_from_checkpoint": "a checkpoint folder, or true for the newest in --output_dir (a rerun resumes by itself)",
