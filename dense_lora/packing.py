@@ -119,7 +119,8 @@ def varlen_sdpa_attention(
     is_causal: bool | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """sdpa per record of a flattened row (causal, no mask); transformers' sdpa for every other batch.
+    """sdpa per record of a flattened row (causal, no mask); transformers' sdpa for every other batch and under
+    ``torch.compile``.
 
     Why: a dense block-diagonal mask makes sdpa compute every score of the T x T row and mask most of them away;
     per record, the causal kernels compute only the lower triangle of each record's own block. The result is
