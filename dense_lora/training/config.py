@@ -86,8 +86,8 @@ class TrainConfig:
     load_8bit: bool = False
     load_4bit: bool = False
     use_gradient_checkpointing: bool = False
-    # torch.compile the model (the Trainer's torch_compile): minutes of compilation first, then faster steps where
-    # it pays (measured in docs/training.md); part of what a run computes (compiled dropout draws other masks)
+    # torch.compile the model (the Trainer's torch_compile): minutes of compilation first; slower than eager on CPU
+    # (measured in docs/training.md); part of what a run computes (compiled dropout draws other masks)
     torch_compile: bool = False
     trust_remote_code: bool = False
     resume_from_checkpoint: str | bool | None = None
