@@ -61,6 +61,12 @@ def _activation_backward(activation: str, grad: torch.Tensor, pre: torch.Tensor)
     return grad
 
 
+def on_host(device: torch.device) -> bool:
+    """Whether numpy can work on this device's memory (the CPU): masks there come from numpy, elsewhere from torch
+    ops on the device. One predicate for both, so the tests can run the device path on CPU."""
+    return device.type == "cpu"
+
+
 class SeededDropout:
     """Dropout whose masks come from a private generator: the same seed gives the same masks, in order.
 
@@ -89,7 +95,7 @@ class SeededDropout:
         self.from_saved = bool(saved)
         if self.from_saved or self.device.type == "meta":
             pass  # nothing is drawn (the meta device has shapes only)
-        elif self.device.type == "cpu":
+        elif on_host(self.device):
             self.bits = np.random.SFC64(seed)
         else:
             self.generator = torch.Generator(device=self.device).manual_seed(seed)
@@ -100,7 +106,7 @@ class SeededDropout:
 
     def random_words(self, count: int) -> torch.Tensor:
         """The next ``count`` 64-bit words of the stream (every bit uniform), as int64 on the device."""
-        if self.device.type == "cpu":
+        if on_host(self.device):
             return torch.from_numpy(self.bits.random_raw(count).view(np.int64))
         drawn = torch.empty(count, dtype=torch.int64, device=self.device)
         if self.device.type == "meta":
@@ -140,7 +146,7 @@ class SeededDropout:
 
 def _at_least(values: torch.Tensor, threshold: int) -> torch.Tensor:
     """``values >= threshold`` as a uint8 0/1 tensor (numpy's comparison on CPU: a quarter of torch's time)."""
-    if values.device.type == "cpu":
+    if on_host(values.device):
         return torch.from_numpy(np.greater_equal(values.numpy(), threshold).view(np.uint8))
     return (values >= threshold).to(torch.uint8)
 
@@ -148,14 +154,14 @@ def _at_least(values: torch.Tensor, threshold: int) -> torch.Tensor:
 def pack_bits(zero_one: torch.Tensor) -> torch.Tensor:
     """A flat uint8 0/1 tensor packed 8 elements a byte, first element in the lowest bit (numpy's
     ``packbits(bitorder="little")``), zero-padded to whole bytes."""
-    if zero_one.device.type == "cpu":
+    if on_host(zero_one.device):
         return torch.from_numpy(np.packbits(zero_one.numpy(), bitorder="little"))
     return _pack_bits_portable(zero_one)
 
 
 def unpack_bits(packed: torch.Tensor, count: int) -> torch.Tensor:
     """The first ``count`` elements that ``pack_bits`` packed, as a flat uint8 0/1 tensor."""
-    if packed.device.type == "cpu":
+    if on_host(packed.device):
         return torch.from_numpy(np.unpackbits(packed.numpy(), count=count, bitorder="little"))
     return _unpack_bits_portable(packed, count)
 

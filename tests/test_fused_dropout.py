@@ -67,7 +67,9 @@ def test_drop_rate_is_p(p: float) -> None:
 
 @pytest.mark.parametrize("activation", ["gelu", "identity", "silu"])
 @pytest.mark.parametrize("fuse_base", [False, True])
-def test_gradients_equal_the_formula_with_the_same_masks(activation: str, fuse_base: bool) -> None:
+def test_gradients_equal_the_formula_with_the_same_masks(
+    activation: str, fuse_base: bool, mask_path: str
+) -> None:
     """float64, p=0.2: output and every gradient equal the plain formula fed the replayed masks."""
     x = torch.randn(2, N // 2, IN, dtype=torch.float64)
     linear = torch.nn.Linear(IN, OUT, dtype=torch.float64).requires_grad_(False)
@@ -93,7 +95,7 @@ def test_gradients_equal_the_formula_with_the_same_masks(activation: str, fuse_b
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
-def test_backward_replays_the_forward_masks_exactly() -> None:
+def test_backward_replays_the_forward_masks_exactly(mask_path: str) -> None:
     """With the base detached, x's gradient comes from the adapter alone: it is exactly 0 on the elements forward
     dropped and non-zero elsewhere, and bf16 compute changes nothing about which."""
     x = torch.randn(N, IN, dtype=torch.bfloat16, requires_grad=True)
@@ -106,7 +108,7 @@ def test_backward_replays_the_forward_masks_exactly() -> None:
     assert 0.15 < 1 - keep_x.float().mean().item() < 0.35
 
 
-def test_runs_are_reproducible_from_torch_seed() -> None:
+def test_runs_are_reproducible_from_torch_seed(mask_path: str) -> None:
     """Without an explicit seed the mask seed comes from torch's RNG: torch.manual_seed replays a whole model step,
     and another torch seed gives other masks (so the step's loss differs)."""
 
@@ -152,6 +154,24 @@ def test_kept_masks_are_the_drawn_ones(dtype: torch.dtype) -> None:
         assert set(mask.unique().tolist()) <= {0.0, 1.0}
     as_float = SeededDropout(21, 0.3, torch.device("cpu")).keep_many(*shapes, dtype=torch.float64)
     assert all(torch.equal(m.double(), f) for m, f in zip(masks, as_float, strict=True))
+
+
+def test_device_masks_are_reproducible_at_rate_p_and_kept_packed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The masks other devices draw (torch's generator, ``on_host`` false): a stream of their own, the same for a
+    seed, dropping p of 2^20 elements, and handed out again bit for bit from what the draw keeps packed."""
+    shapes = [(1024, 1023), (3, 5)]
+    host = SeededDropout(7, 0.05, torch.device("cpu")).keep_many(*shapes, dtype=torch.bfloat16)
+    monkeypatch.setattr(fused, "on_host", lambda device: False)
+    drawn = SeededDropout(7, 0.05, torch.device("cpu"))
+    masks = drawn.keep_many(*shapes, dtype=torch.bfloat16)
+    again = SeededDropout(7, 0.05, torch.device("cpu")).keep_many(*shapes, dtype=torch.bfloat16)
+    assert all(torch.equal(m, a) for m, a in zip(masks, again, strict=True))
+    assert not torch.equal(masks[0], host[0])  # torch's stream, not numpy's
+    sd = (0.05 * 0.95 / masks[0].numel()) ** 0.5
+    assert abs(1.0 - masks[0].float().mean().item() - drawn.p) < 6 * sd
+    assert [bits.dtype for bits in drawn.saved] == [torch.uint8]
+    kept = SeededDropout(0, 0.05, torch.device("cpu"), drawn.saved).keep_many(*shapes, dtype=torch.bfloat16)
+    assert all(torch.equal(m, k) for m, k in zip(masks, kept, strict=True))
 
 
 @pytest.mark.parametrize("count", [1, 7, 8, 9, 100, 1001])

@@ -144,7 +144,7 @@ def three_members(dtype=torch.float64):
 
 
 @pytest.mark.parametrize("activation", ["gelu", "identity"])
-def test_with_dropout_each_member_is_the_formula_with_its_own_replayed_masks(activation):
+def test_with_dropout_each_member_is_the_formula_with_its_own_replayed_masks(activation, mask_path):
     bases, encoders, middles, decoders = three_members()
     p, seed, scalings = 0.3, 1234, [2.0, 0.5, 1.5]
     x = torch.randn(2, 4, 6, dtype=torch.float64, requires_grad=True)
