@@ -9,9 +9,11 @@ micro-batch of 4 is about 76% real tokens. Flattening the records into one ``(1,
   attention kernels read the same position ids. So each record attends only to itself, with the positions it
   would have had alone in a right-padded row.
 * the first label of every record is -100: after the causal shift it is the target of the previous record's last
-  token, which the padded path never trains either. So the set of (prediction, target) pairs is the padded path's,
-  and Trainer's ``num_items_in_batch`` (it counts ``labels[..., 1:]``) is the same number: losses and gradients
-  are the padded path's up to float rounding.
+  token, which the padded path never trains either. So the set of (prediction, target) pairs is the right-padded
+  path's, and Trainer's ``num_items_in_batch`` (it counts ``labels[..., 1:]``) is the same number: losses and
+  gradients are the right-padded path's up to float rounding. (Left padding, LLM-Adapters' choice, shifts the
+  positions of short records and trains a row's first real token from a pad: another computation, so
+  ``--padding_side left`` trains padded, ``training/config.py``.)
 * no ``attention_mask`` is returned: its presence is what would switch the position-id detection off.
 
 Attention itself is the one place where a flattened row costs more than padding: the block-diagonal mask is dense,

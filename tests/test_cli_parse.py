@@ -162,6 +162,8 @@ def run_cli(*argv: str, cwd: Path = REPO) -> tuple[subprocess.CompletedProcess, 
         ("math_evaluate.py", ("--dataset", "gsm8k", "--base_model", "smollm2", "--output_dir", "{out}", "extra"),
          "unexpected argument 'extra' after '{out}'"),
         ("math_evaluate.py", ("--dataset", "gsm8k", "--output_dir", "{out}"), "--base_model is required"),
+        ("finetune.py", ("--base_model", "smollm2", "--output_dir", "{out}", "--padding_side", "left",
+                         "--packing", "True"), "--padding_side left asks for LLM-Adapters' left-padded batches"),
     ],
 )  # fmt: skip
 def test_bad_arguments_fail_in_seconds_before_anything_loads(script, argv, message, tmp_path):

@@ -269,12 +269,25 @@ def test_ablation_flags_reach_the_adapter_config():
         ({"save_step": 30, "eval_step": 20}, "multiple of --eval_step"),
         ({"no_such_flag": 1}, "unknown flag"),
         ({"train_shared": "maybe"}, "must be true or false"),
+        ({"padding_side": "left", "packing": True}, "--padding_side left asks for LLM-Adapters' left-padded"),
     ],
 )
 def test_bad_flags_are_one_line_errors(flags, message):
     with pytest.raises(TrainError, match=message) as caught:
         config_from_flags({"base_model": "x", **flags})
     assert "\n" not in str(caught.value)
+
+
+def test_left_padding_trains_padded_batches(capsys):
+    """Packed rows equal right-padded batches, not LLM-Adapters' left-padded ones (which shift short records'
+    positions and train a row's first real token from a pad): --padding_side left turns packing off, saying so."""
+    assert config_from_flags({"base_model": "x"}).packing
+    assert config_from_flags({"base_model": "x", "padding_side": "right"}).packing
+    left = config_from_flags({"base_model": "x", "padding_side": "left"})
+    assert (left.packing, left.padding_side) == (False, "left")
+    assert capsys.readouterr().err == "note: --padding_side left trains on padded batches (packing off)\n"
+    assert not config_from_flags({"base_model": "x", "padding_side": "left", "packing": False}).packing
+    assert capsys.readouterr().err == ""
 
 
 def test_output_dir_guard(tmp_path):

@@ -67,7 +67,8 @@ class TrainConfig:
     load_best_model_at_end: bool = True
     train_on_inputs: bool = True
     group_by_length: bool = False
-    # padding-free micro-batches (dense_lora/packing.py); off by itself where attention cannot honour boundaries
+    # padding-free micro-batches (dense_lora/packing.py); off by itself where attention cannot honour boundaries,
+    # and off when --padding_side left is given without it (config_from_flags)
     packing: bool = True
     padding_side: str = "right"
     data_fraction: float = 1.0
@@ -198,6 +199,11 @@ def _check_choices(config: TrainConfig) -> None:
         config.padding_side in ("left", "right"),
         f"--padding_side must be 'left' or 'right', got {config.padding_side!r}",
     )
+    _require(
+        not (config.packing and config.padding_side == "left"),
+        "--padding_side left asks for LLM-Adapters' left-padded batches and --packing has no padding: "
+        "drop --packing True (left padding alone turns packing off) or pass --packing False",
+    )
     _require(not (config.bf16 and config.fp16), "--bf16 and --fp16 are mutually exclusive")
     _require(
         not (config.load_8bit and config.load_4bit), "--load_8bit and --load_4bit are mutually exclusive"
@@ -287,6 +293,10 @@ def config_from_flags(flags: Mapping[str, Any]) -> TrainConfig:
         raise TrainError(
             f"unknown flag(s) {', '.join('--' + name for name in unknown)}; known: {', '.join(sorted(known))}"
         )
+    if flags.get("padding_side") == "left" and "packing" not in flags:
+        # packing's equivalence is with right-padded batches; left padding asks for LLM-Adapters' own batches
+        print("note: --padding_side left trains on padded batches (packing off)", file=sys.stderr)
+        flags = {**flags, "packing": False}
     return TrainConfig(**flags)
 
 
