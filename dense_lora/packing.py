@@ -110,6 +110,22 @@ def _record_lengths(position_ids: torch.Tensor) -> list[int] | None:
     return [end - start for start, end in zip(starts, [*starts[1:], position_ids.shape[1]], strict=True)]
 
 
+def _plain_causal(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    is_causal: bool | None,
+    kwargs: Mapping[str, Any],
+) -> bool:
+    """Whether this attention call is what the per-record kernel computes: causal over the whole record, queries
+    and keys of one length, and nothing added to the scores. A sliding window, bidirectional spans, logit
+    soft-capping or a position bias go to transformers' sdpa, which honours them (or refuses them) itself."""
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    sliding = getattr(module, "sliding_window", None) or kwargs.get("sliding_window")
+    extras = kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None
+    return causal is not False and not sliding and not extras and query.shape[2] == key.shape[2]
+
+
 def varlen_sdpa_attention(
     module: nn.Module,
     query: torch.Tensor,
@@ -134,8 +150,7 @@ def varlen_sdpa_attention(
     # and a recompilation for every new set of lengths. There transformers' block-diagonal mask (built in the
     # graph from the same position ids) computes the same function.
     lengths = None if torch.compiler.is_compiling() else _record_lengths(kwargs.get("position_ids"))
-    sliding = getattr(module, "sliding_window", None) or kwargs.get("sliding_window")
-    if lengths is None or sliding or query.shape[2] != key.shape[2]:
+    if lengths is None or not _plain_causal(module, query, key, is_causal, kwargs):
         return sdpa_attention_forward(
             module,
             query,

@@ -181,6 +181,33 @@ def test_compiled_packed_attention_stays_in_one_graph() -> None:
     assert counters["stats"]["unique_graphs"] >= 1
 
 
+@pytest.mark.parametrize(
+    "extra", [{"is_causal": False}, {"softcap": 30.0}, {"sliding_window": 4}, {"module_is_causal": False}]
+)
+def test_per_record_attention_hands_what_it_does_not_compute_to_sdpa(
+    extra: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bidirectional spans, soft-capped logits and sliding windows are not the per-record causal kernel's
+    function: those calls go to transformers' sdpa with everything they were given; plain causal calls do not."""
+    import transformers.integrations.sdpa_attention as sdpa_module
+
+    from dense_lora.packing import varlen_sdpa_attention
+
+    handed: list[dict[str, Any]] = []
+    monkeypatch.setattr(sdpa_module, "sdpa_attention_forward", lambda *args, **kwargs: handed.append(kwargs))
+    plain, module = torch.nn.Module().eval(), torch.nn.Module().eval()
+    extra = dict(extra)
+    if "module_is_causal" in extra:
+        module.is_causal = extra.pop("module_is_causal")
+    query = key = value = torch.randn(1, 2, 7, 4)
+    position_ids = torch.tensor([[0, 1, 2, 0, 1, 2, 3]])
+    output, _ = varlen_sdpa_attention(plain, query, key, value, None, position_ids=position_ids)
+    assert handed == [] and output.shape == (1, 7, 2, 4)  # plain causal: per record
+    varlen_sdpa_attention(module, query, key, value, None, position_ids=position_ids, **extra)
+    assert len(handed) == 1 and handed[0]["position_ids"] is position_ids
+    assert all(handed[0][name] == value for name, value in extra.items())
+
+
 def test_packing_is_refused_where_boundaries_would_leak() -> None:
     model = make_tiny_llama(use_cache=False)
     assert packing_unsupported_reason(model) is None
