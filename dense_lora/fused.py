@@ -36,6 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 # The activations DenseLoRA offers (None: identity, the paper's "Only Matrix"); config and layer read this table.
 ACTIVATION_FUNCTIONS = {"gelu": F.gelu, "identity": None, "relu": F.relu, "silu": F.silu, "tanh": torch.tanh}
@@ -87,7 +88,8 @@ class SeededDropout:
     """
 
     def __init__(self, seed: int, p: float, device: torch.device, saved: Sequence[torch.Tensor] = ()) -> None:
-        self.threshold = round(p * 2**16) - 2**15  # P(int16 u < threshold) = realised p
+        # P(int16 u < threshold) = realised p; at most 1 - 2^-16, so a p just under 1 keeps a finite scale
+        self.threshold = min(round(p * 2**16), 2**16 - 1) - 2**15
         self.p = (self.threshold + 2**15) / 2**16
         self.scale = 1.0 / (1.0 - self.p)
         self.device = torch.device(device)
@@ -106,6 +108,8 @@ class SeededDropout:
 
     def random_words(self, count: int) -> torch.Tensor:
         """The next ``count`` 64-bit words of the stream (every bit uniform), as int64 on the device."""
+        if count == 0:  # numpy's empty draw has stride 0, which no dtype view accepts
+            return torch.empty(0, dtype=torch.int64, device=self.device)
         if on_host(self.device):
             return torch.from_numpy(self.bits.random_raw(count).view(np.int64))
         drawn = torch.empty(count, dtype=torch.int64, device=self.device)
@@ -284,6 +288,7 @@ class _DenseLoraFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # backward is written out, not traced: a second derivative through it would be wrong
     def backward(ctx, grad_output):
         # loss.backward() may be called inside an autocast region: keep backward in forward's dtypes
         with _autocast_disabled(grad_output.device.type):
@@ -394,7 +399,7 @@ def _group_masks(dropout, flat, n, encoder, product):
 def _encode_per_member(dropped: torch.Tensor, encoder: torch.Tensor, n: int) -> torch.Tensor:
     """Member i's ``dropped[i] @ W_e,i^T`` for every i in one batched GEMM, laid out ``rows x (n r)``."""
     a = torch.bmm(dropped, encoder.view(n, -1, encoder.shape[1]).transpose(1, 2))  # n x rows x r
-    return a.transpose(0, 1).reshape(dropped.shape[1], -1)
+    return a.transpose(0, 1).reshape(dropped.shape[1], encoder.shape[0])  # no -1: rows may be 0
 
 
 def _block_decoder_product(
@@ -421,6 +426,7 @@ class _DenseLoraGroupFunction(torch.autograd.Function):
         return tuple(outs)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, *grad_outputs):
         device = next(g for g in grad_outputs if g is not None).device
         with _autocast_disabled(device.type):

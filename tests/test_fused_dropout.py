@@ -314,3 +314,39 @@ def test_inductor_compiles_the_residual_add_right(base_inside: bool) -> None:
             torch.testing.assert_close(torch.compile(update)(x), update(x), rtol=1e-5, atol=1e-5)
     finally:
         torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("shape", [(0, IN), (2, 0, IN)])
+def test_an_empty_batch_runs_with_dropout(shape: tuple[int, ...]) -> None:
+    """A layer handed no tokens (an empty micro-batch, an MoE expert no token was routed to) gives an empty
+    output and zero weight gradients with dropout on, single layer and q/k/v group alike."""
+    encoder, middle, decoder = weights(torch.float32)
+    x = torch.randn(shape, requires_grad=True)
+    out = fused_dense_add(torch.nn.Linear(IN, OUT), x, encoder, middle, decoder, "gelu", 2.0, 0.1, seed=3)
+    bases = [torch.nn.Linear(IN, OUT).requires_grad_(False) for _ in range(3)]
+    outs = fused.fused_group_add(
+        bases, x, [encoder] * 3, [middle] * 3, [decoder] * 3, "gelu", [2.0] * 3, 0.1, 3
+    )
+    assert out.shape == outs[0].shape == (*shape[:-1], OUT)
+    (out.sum() + sum(o.sum() for o in outs)).backward()
+    assert x.grad.shape == shape and not encoder.grad.any() and not decoder.grad.any()
+
+
+def test_a_second_derivative_is_refused_not_wrong() -> None:
+    """Backward is written out rather than traced, so differentiating it again is an error (it used to give
+    numbers that were not the second derivative)."""
+    encoder, middle, decoder = weights()
+    x = torch.randn(N, IN, dtype=torch.float64, requires_grad=True)
+    out = fused_dense_add(
+        torch.zeros(N, OUT, dtype=torch.float64), x, encoder, middle, decoder, "tanh", 1.0, 0.0
+    )
+    (grad_x,) = torch.autograd.grad(out.sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(grad_x.sum(), encoder)
+
+
+def test_a_rate_just_under_one_keeps_a_finite_scale() -> None:
+    """p rounds to a multiple of 2^-16, but never up to 1: nn.Dropout accepts any p < 1, and so does this."""
+    dropout = SeededDropout(0, 0.999995, torch.device("cpu"))
+    assert dropout.p == 1 - 2**-16 and dropout.scale == 2**16
+    assert dropout.keep(torch.empty(1000)).sum() <= 2
