@@ -241,13 +241,13 @@ def _dense_forward(base, weight, bias, x, encoder, middle, decoder, activation, 
     c = dropout.scale if dropout else 1.0
     product = _decoder_product(decoder, middle, dtype, c)
     encoder = _scaled(encoder, c, dtype)  # weight-sized, formed again in backward rather than kept
-    keep_y = None
+    keep_y, dropped = None, flat  # flat stays x: the frozen product reads it undropped
     if dropout:  # the masks of x, h and y, in that order, from one draw
         rows = flat.shape[0]
         shapes = (flat.shape, (rows, encoder.shape[0]), (rows, product.shape[0]))
         keep_x, keep_h, keep_y = dropout.keep_many(*shapes, dtype=dtype)
-        flat = flat * keep_x
-    a = flat @ encoder.t()
+        dropped = flat * keep_x
+    a = dropped @ encoder.t()
     act = ACTIVATION_FUNCTIONS[activation]
     h = act(a) if act else a
     if dropout:
@@ -256,15 +256,22 @@ def _dense_forward(base, weight, bias, x, encoder, middle, decoder, activation, 
     act_ = _ACTIVATION_INPLACE[activation]
     y = act_(z) if act_ else z
     if base is None:
-        out = F.linear(x, weight, bias).view(y.shape)
+        out = F.linear(flat, weight, bias)
         if keep_y is None:
             out = _add_scaled(out, y, scaling * c)
         else:  # out += s c (y * k_y) in one pass
             out.addcmul_(y, keep_y, value=scaling * c)
-        return out.view(*x.shape[:-1], out.shape[-1]), a, h, dropout
+        return _whole(out, (*x.shape[:-1], out.shape[-1])), a, h, dropout
     if keep_y is not None:
         y.mul_(keep_y)
     return _add_scaled(base, y.reshape(*base.shape).to(base.dtype), scaling * c, inplace=False), a, h, dropout
+
+
+def _whole(out: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """``out`` in ``shape`` as a tensor of its own rather than a view (``aten._unsafe_view``, as ``matmul``
+    returns its folded products): autograd refuses in-place changes to a custom Function's outputs that are views
+    made inside it, and models do change projection outputs in place (e.g. ``query /= sqrt(d)``)."""
+    return torch.ops.aten._unsafe_view(out, shape)
 
 
 def _add_scaled(out: torch.Tensor, y: torch.Tensor, scale: float, inplace: bool = True) -> torch.Tensor:
@@ -384,7 +391,7 @@ def _group_forward(x, weights, biases, encoders, middles, decoders, activation, 
         out = torch.addmm(y[:, start:end], flat, weight.t(), beta=scaling * c)
         if bias is not None:
             out.add_(bias)
-        outs.append(out.view(*x.shape[:-1], weight.shape[0]))
+        outs.append(_whole(out, (*x.shape[:-1], weight.shape[0])))
         start = end
     return outs, a, h, (dropout.saved if dropout else [])
 

@@ -350,3 +350,28 @@ def test_a_rate_just_under_one_keeps_a_finite_scale() -> None:
     dropout = SeededDropout(0, 0.999995, torch.device("cpu"))
     assert dropout.p == 1 - 2**-16 and dropout.scale == 2**16
     assert dropout.keep(torch.empty(1000)).sum() <= 2
+
+
+@pytest.mark.parametrize("group", [False, True])
+def test_outputs_can_be_changed_in_place(group: bool) -> None:
+    """Models change projection outputs in place (``query /= sqrt(d)``). The fused outputs allow it (they used to
+    be views made inside the Function, which autograd refuses), with the gradients of the out-of-place change."""
+    x = torch.randn(2, N // 2, IN, dtype=torch.float64)
+    bases = [torch.nn.Linear(IN, OUT, dtype=torch.float64).requires_grad_(False) for _ in range(3)]
+
+    def run(in_place: bool) -> list[torch.Tensor]:
+        xx, params = x.clone().requires_grad_(), weights()
+        if group:
+            outs = fused.fused_group_add(bases, xx, *([p] * 3 for p in params), "gelu", [2.0] * 3, 0.2, 5)
+        else:
+            outs = [fused_dense_add(bases[0], xx, *params, "gelu", 2.0, 0.2, seed=5)]
+        if in_place:
+            for out in outs:
+                out /= 3.0
+        else:
+            outs = [out / 3.0 for out in outs]
+        sum((out * out).sum() for out in outs).backward()
+        return [*(out.detach() for out in outs), xx.grad, *(p.grad for p in params)]
+
+    for got, want in zip(run(True), run(False), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
