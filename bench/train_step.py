@@ -340,12 +340,18 @@ def _storage_key(tensor: torch.Tensor) -> tuple[str, int]:
 
 
 class ModuleTracker:
-    """Names the innermost module whose forward is running, to attribute each saved tensor to a module."""
+    """Names the innermost module whose forward is running, to attribute each saved tensor to a module.
+
+    Adapter layers' frozen ``base_layer``s get no hooks (what they save is attributed to the adapter layer): a
+    hooked base layer must be called, so DenseLoRA's fused path would stop computing its product itself, and the
+    step measured would not be the step trained."""
 
     def __init__(self, model: nn.Module) -> None:
         self.stack: list[str] = []
         self.handles = []
         for name, module in model.named_modules():
+            if name.endswith(".base_layer"):
+                continue
             self.handles.append(module.register_forward_pre_hook(self._enter(name)))
             self.handles.append(module.register_forward_hook(self._leave(name), always_call=True))
 

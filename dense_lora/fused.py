@@ -612,12 +612,23 @@ def runs_base_itself(base: nn.Module, x: torch.Tensor) -> bool:
     torch ``nn.Linear`` whose weight (and bias) is already in the dtype its product runs in (``compute_dtype``).
     Under autocast that is a base loaded in autocast's dtype (``finetune.py --bf16`` loads the base in bfloat16 and
     trains under bfloat16 autocast): its product computed inside is the one autocast would compute. Other bases
-    hand the fused path their output."""
+    hand the fused path their output, and so does a base with forward hooks (its ``forward`` must run for them:
+    accelerate's offloading, for one, loads the weight in a hook) or with its weight on another device than x."""
     weight, bias = base.weight, base.bias
     frozen = not weight.requires_grad and (bias is None or not bias.requires_grad)
     dtype = compute_dtype(x)
     in_dtype = weight.dtype == dtype and (bias is None or bias.dtype == dtype)
-    return type(base) is nn.Linear and frozen and in_dtype
+    plain = type(base) is nn.Linear and not _has_forward_hooks(base) and weight.device == x.device
+    return plain and frozen and in_dtype
+
+
+def _has_forward_hooks(module: nn.Module) -> bool:
+    """Whether calling ``module`` runs more than its ``forward``: hooks registered on it, or accelerate's
+    (``_hf_hook``, which replaces ``forward``). Global module hooks are not counted: they observe every module
+    (torch's ``ModuleTracker``, ``FlopCounterMode``), and counting them would make an observed step another step."""
+    return bool(
+        module._forward_hooks or module._forward_pre_hooks or getattr(module, "_hf_hook", None) is not None
+    )
 
 
 def fused_dense_add(

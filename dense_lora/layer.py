@@ -293,16 +293,15 @@ class Linear(nn.Module, DenseLoraLayer):
 
     def groupable(self, x: torch.Tensor, adapter: str) -> bool:
         """Whether this layer's output for ``x`` can be computed with its siblings' (``InputGroup``): ``adapter``
-        is its only adapter in effect (enabled, not merged), a DenseLoRA one, over a frozen ``nn.Linear`` in
-        ``x``'s dtype, on the fused path."""
+        is its only adapter in effect (enabled, not merged), a DenseLoRA one, over a frozen ``nn.Linear`` that the
+        fused path may run itself (``runs_base_itself``: x's dtype and device, no hooks)."""
         if _reference_only or adapter not in self.denselora_M:
             return False
         if self.disable_adapters or self.merged:
             return False
         if self._adapters_in_effect() != [adapter]:
             return False
-        base = self.get_base_layer()
-        return runs_base_itself(base, x) and base.weight.device == x.device
+        return runs_base_itself(self.get_base_layer(), x)
 
     def dropout_p(self, adapter: str) -> float:
         """The adapter's dropout probability in effect: 0 in eval mode."""

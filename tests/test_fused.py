@@ -198,23 +198,34 @@ def test_fused_under_autocast_and_backward_inside_autocast(tiny_inputs):
     assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
 
 
-def test_bf16_base_under_autocast_stays_on_the_fused_path(tiny_inputs):
+def test_bf16_base_under_autocast_stays_on_the_fused_path(tiny_inputs, monkeypatch):
     """``finetune.py --bf16`` loads the base in bfloat16 and trains under bfloat16 autocast. There the fused path
     still runs the frozen products itself, q, k and v in one call (no base layer's forward runs), and the loss and
     gradients equal the plain formula's under the same autocast, to bfloat16 precision."""
+    base_names: dict[int, str] = {}
+    called: list[str] = []
+    linear_forward = torch.nn.Linear.forward
+
+    def counting_forward(module, x):  # not a hook: a hooked base layer is called by design
+        if id(module) in base_names:
+            called.append(base_names[id(module)])
+        return linear_forward(module, x)
+
+    monkeypatch.setattr(torch.nn.Linear, "forward", counting_forward)
 
     def step(reference: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[str]]:
         config = DenseLoraConfig(r=8, init_weights=False, init_seed=0)
         model = get_peft_model(make_tiny_llama(dtype=torch.bfloat16), config).train()
-        called: list[str] = []
+        called.clear()
+        base_names.clear()
         for name, module in model.named_modules():
             if name.endswith("_proj.base_layer"):
-                module.register_forward_hook(lambda *args, name=name: called.append(name))
+                base_names[id(module)] = name
         with reference_implementation(reference), torch.autocast("cpu", dtype=torch.bfloat16):
             loss = model(**tiny_inputs, labels=tiny_inputs["input_ids"]).loss
             loss.backward()
         grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-        return loss.detach().float(), grads, called
+        return loss.detach().float(), grads, list(called)
 
     fused_loss, fused_grads, fused_called = step(reference=False)
     plain_loss, plain_grads, plain_called = step(reference=True)
@@ -245,3 +256,28 @@ def test_fused_without_autograd_gives_the_same_output(base_is_module):
         without = output()
     assert with_grad.requires_grad and not without.requires_grad
     assert torch.equal(with_grad.detach(), without)
+
+
+def test_a_hooked_frozen_layer_is_called_not_bypassed(tiny_inputs):
+    """The fused path computes a frozen Linear's product itself only when calling it would run nothing more. A
+    forward pre-hook on k_proj's base (a q/k/v group member) and accelerate's CPU offload of v_proj's base (its
+    weight waits on the meta device until accelerate's hook loads it) both run, as in the plain formula."""
+    from accelerate import cpu_offload
+
+    torch.manual_seed(0)
+    config = DenseLoraConfig(
+        r=4, target_modules=list(DEFAULT_TARGET_MODULES), init_weights=False, init_seed=0
+    )
+    model = get_peft_model(make_tiny_llama(), config).eval()
+    attention = model.base_model.model.model.layers[0].self_attn
+    with torch.no_grad():
+        before = model(**tiny_inputs).logits
+    attention.k_proj.base_layer.register_forward_pre_hook(lambda module, args: (args[0] * 0.5,))
+    cpu_offload(attention.v_proj.base_layer, execution_device=torch.device("cpu"))
+    assert attention.v_proj.base_layer.weight.device.type == "meta"
+    with torch.no_grad():
+        fused_logits = model(**tiny_inputs).logits
+        with reference_implementation():
+            plain_logits = model(**tiny_inputs).logits
+    torch.testing.assert_close(fused_logits, plain_logits, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(fused_logits, before)  # the hook changed k_proj's input
