@@ -383,7 +383,7 @@ TRAIN_HELP: dict[str, str] = {
     "load_best_model_at_end": "final adapter = the checkpoint with the lowest validation loss",
     "train_on_inputs": "false masks the prompt out of the loss (answers only)",
     "group_by_length": "sample batches of similar length",
-    "padding_side": "tokenizer padding side in training: right, or left as LLM-Adapters did",
+    "padding_side": "tokenizer padding side in training: right, or left as LLM-Adapters did (left: padded batches)",
     "data_fraction": "seeded share of the data to train on (Table 7), in (0, 1]",
     "seed": "seed of the split, subset, data order and adapter initialisation",
     "lora_r": "adapter rank r (a warning is printed when the adapter would exceed 50% of the base)",
