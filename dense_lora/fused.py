@@ -428,6 +428,7 @@ class _DenseLoraGroupFunction(torch.autograd.Function):
             x, weights, biases, encoders, middles, decoders, activation, scalings, p, seed
         )
         ctx.save_for_backward(x, a, h, *masks, *tensors)
+        ctx.set_materialize_grads(False)  # an unused member's output gets None, and so do its weights
         ctx.mask_count = len(masks)
         ctx.activation, ctx.scalings, ctx.p, ctx.seed = activation, scalings, p, seed
         return tuple(outs)
@@ -435,6 +436,8 @@ class _DenseLoraGroupFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, *grad_outputs):
+        if all(g is None for g in grad_outputs):
+            return (None,) * (6 + len(ctx.needs_input_grad[6:]))
         device = next(g for g in grad_outputs if g is not None).device
         with _autocast_disabled(device.type):
             return _DenseLoraGroupFunction._backward(ctx, grad_outputs)
@@ -448,7 +451,9 @@ class _DenseLoraGroupFunction(torch.autograd.Function):
         activation, scalings = ctx.activation, ctx.scalings
         n = len(scalings)
         weights, encoders, middles, decoders = (tensors[i * n : (i + 1) * n] for i in range(4))
-        needs = ctx.needs_input_grad[6:]
+        # a member whose output went unused gets no weight gradients (None, as when it runs alone)
+        used = [g is not None for g in grad_outputs]
+        needs = [need and used[i % n] for i, need in enumerate(ctx.needs_input_grad[6:])]
         need_enc, need_mid, need_dec = (any(needs[i * n : (i + 1) * n]) for i in (1, 2, 3))
         dtype = x.dtype
         flat = x.reshape(-1, x.shape[-1])

@@ -163,7 +163,7 @@ class InputGroup:
                 out = outputs.pop(id(member), None)
                 self._pending = pending if outputs else None
                 return out  # None: the member was not computed with the others (another adapter state)
-            if outputs and torch._C._autograd._top_saved_tensors_default_hooks(False) is None:
+            if outputs and self._may_stand_down():
                 self.enabled = False  # kept outputs nobody asked for: these members read different tensors
         if not self.enabled or not member.groupable(x, adapter):
             return None
@@ -184,6 +184,19 @@ class InputGroup:
         kept = {id(m): out for m, out in zip(members, outs, strict=True) if m is not member}
         self._pending = (weakref.ref(x), _version(x), torch.is_grad_enabled(), kept)
         return outs[members.index(member)]
+
+    def _may_stand_down(self) -> bool:
+        """Whether the group may turn itself off now (a cross-attention q reads another tensor than k and v).
+
+        Never in a forward that may be replayed: after turning off, the replay would compute q alone, with other
+        dropout masks than the forward it replays, and backward would take the gradient of another function.
+        Replays are checkpointing's: non-reentrant runs under saved-tensor hooks; reentrant runs its first
+        forward without autograd in training mode and replays it inside backward."""
+        if torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
+            return False
+        if torch._C._current_graph_task_id() != -1:  # inside backward
+            return False
+        return torch.is_grad_enabled() or not self.members[0].training
 
 
 def _version(tensor: torch.Tensor) -> int:
