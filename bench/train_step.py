@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import copy
 import datetime as dt
+import gc
 import json
 import math
 import os
@@ -35,6 +36,7 @@ import statistics
 import subprocess
 import sys
 import time
+import weakref
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -284,6 +286,17 @@ def count_flops(model: nn.Module, batch: dict[str, torch.Tensor], method: str) -
     return int(counter.get_total_flops())
 
 
+def _flops_without_checkpointing(model: nn.Module, batch: dict[str, torch.Tensor], method: str) -> int:
+    """The step's model FLOPs: with checkpointing off for the count, so the recomputed forward, which costs time
+    but computes nothing new, is not in MFU's numerator (it is in the FLOPs column, which counts what runs)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.gradient_checkpointing_disable()
+    try:
+        return count_flops(model, batch, method)
+    finally:
+        base.gradient_checkpointing_enable()
+
+
 def _cpu_sdpa_mapping() -> dict[Any, Callable[..., int]]:
     """FlopCounterMode knows the CUDA SDPA kernels but not ``_scaled_dot_product_flash_attention_for_cpu``,
     which would make attention free on CPU; count it (forward and backward) like the CUDA flash kernel."""
@@ -377,28 +390,48 @@ class ModuleTracker:
             handle.remove()
 
 
+class _Packed:
+    """What the graph holds for one saved tensor: the tensor and its index in the recorder. The recorder keeps
+    only a weak reference, so a saved tensor dies with the graph branch that saved it, as it does in training."""
+
+    __slots__ = ("__weakref__", "index", "tensor")
+
+    def __init__(self, index: int, tensor: torch.Tensor) -> None:
+        self.index, self.tensor = index, tensor
+
+
 class SavedTensorRecorder:
-    """saved_tensors_hooks that record every storage autograd keeps, once, parameters and buffers excluded."""
+    """saved_tensors_hooks that record every storage autograd keeps, once, parameters and buffers excluded.
+
+    Saved tensors are held by the graph alone (``_Packed``): a branch the forward builds and then drops (peft's
+    DoRA, for one, computes its weight norm through a product it detaches) frees what it saved, and
+    ``alive_storages`` counts only what the graph still holds when the forward ends."""
 
     def __init__(self, model: nn.Module, settings: Settings) -> None:
         self.resident = {_storage_key(t) for t in (*model.parameters(), *model.buffers())}
         self.settings = settings
         self.storages: dict[tuple[str, int], SavedTensor] = {}
-        self.packed: list[tuple[torch.Tensor, tuple[str, int] | None]] = []
+        self.holders: dict[tuple[str, int], list[weakref.ref]] = defaultdict(list)  # per storage key
+        self.packed: list[tuple[weakref.ref, tuple[str, int] | None]] = []
         self.probe: list[int] = []
         self.tracker = ModuleTracker(model)
         # Undeduplicated sums, only to compare with counts made that way (see README, "validation").
         self.naive = {"per_save_tensor_bytes": 0, "per_save_storage_bytes": 0, "including_parameters": 0}
 
-    def pack(self, tensor: torch.Tensor) -> int:
+    def pack(self, tensor: torch.Tensor) -> _Packed:
         key = _storage_key(tensor)
+        held = _Packed(len(self.packed), tensor)
         self.naive["including_parameters"] += tensor.numel() * tensor.element_size()
         if key in self.resident:
-            self.packed.append((tensor, None))
-            return len(self.packed) - 1
+            self.packed.append((weakref.ref(held), None))
+            return held
         self.naive["per_save_tensor_bytes"] += tensor.numel() * tensor.element_size()
         self.naive["per_save_storage_bytes"] += tensor.untyped_storage().nbytes()
-        self.packed.append((tensor, key))
+        self.packed.append((weakref.ref(held), key))
+        if key in self.storages and not any(ref() is not None for ref in self.holders[key]):
+            del self.storages[key]  # everything saved there is gone: a new storage at a freed address
+            self.holders[key].clear()
+        self.holders[key].append(weakref.ref(held))
         if key not in self.storages:
             shape = list(tensor.shape)
             self.storages[key] = SavedTensor(
@@ -408,11 +441,20 @@ class SavedTensorRecorder:
                 module=self.tracker.current,
                 token_shaped=is_token_shaped(tensor, self.settings),
             )
-        return len(self.packed) - 1
+        return held
 
-    def unpack(self, index: int) -> torch.Tensor:
-        self.probe.append(index)
-        return self.packed[index][0]
+    def unpack(self, held: _Packed) -> torch.Tensor:
+        self.probe.append(held.index)
+        return held.tensor
+
+    def alive_storages(self) -> dict[tuple[str, int], SavedTensor]:
+        """The recorded storages that some saved tensor still alive in the graph belongs to."""
+        gc.collect()
+        return {
+            key: saved
+            for key, saved in self.storages.items()
+            if any(ref() is not None for ref in self.holders[key])
+        }
 
 
 def measure_saved(
@@ -432,7 +474,7 @@ def measure_saved(
             loss = model(**batch).loss
     finally:
         recorder.tracker.remove()
-    storages = recorder.storages
+    storages = recorder.alive_storages()
     if attribute_ops and not settings.checkpointing:
         _attribute_nodes(loss.grad_fn, recorder.packed, storages, recorder.probe)
     with method_context(method):
@@ -453,7 +495,7 @@ def measure_saved(
 
 def _attribute_nodes(
     root: Any,
-    packed: list[tuple[torch.Tensor, tuple[str, int] | None]],
+    packed: list[tuple[weakref.ref, tuple[str, int] | None]],
     storages: dict[tuple[str, int], SavedTensor],
     probe: list[int],
 ) -> None:
@@ -474,7 +516,7 @@ def _attribute_nodes(
                 getattr(node, name)
         for index in probe:
             key = packed[index][1]
-            if key is not None and node.name() not in storages[key].nodes:
+            if key in storages and node.name() not in storages[key].nodes:
                 storages[key].nodes.append(node.name())
         stack.extend(next_node for next_node, _ in node.next_functions)
 
@@ -606,6 +648,8 @@ class MethodResult:
     step_peak_mib: float | None = None
     tokens_per_s: float | None = None
     mfu: float | None = None
+    # MFU's numerator: the step's FLOPs without checkpointing's recomputed forward (None: flops, no checkpointing)
+    model_flops: int | None = None
     loss: float | None = None
     saved_breakdown: list[dict[str, Any]] = field(default_factory=list)
     error: str | None = None  # set when the method could not be measured (only tolerated on meta)
@@ -621,6 +665,7 @@ def count_method(
     # A middle layer: layer 0 is atypical (without input grads its norms and attention save nothing).
     probe_layer = f".layers.{base.config.num_hidden_layers // 2}."
     flops = count_flops(model, batch, method)
+    model_flops = _flops_without_checkpointing(model, batch, method) if settings.checkpointing else None
     saved = measure_saved(model, batch, settings, method, attribute_ops=True)
     result = MethodResult(
         method=method,
@@ -628,6 +673,7 @@ def count_method(
         trainable_params=trainable,
         trainable_by_dtype=by_dtype,
         flops=flops,
+        model_flops=model_flops,
         saved_bytes_per_token=saved["saved_bytes_per_token"],
         saved_bytes_fixed=saved["saved_bytes_fixed"],
         saved_storages=saved["saved_storages"],
@@ -718,7 +764,8 @@ def time_methods(
         result.median_cpu_s = statistics.median(result.step_cpu_s)
         result.tokens_per_s = settings.tokens / result.median_step_s
         if settings.device.startswith("cuda"):
-            result.mfu = result.flops / result.median_step_s / (settings.peak_tflops * 1e12)
+            model_flops = result.model_flops or result.flops
+            result.mfu = model_flops / result.median_step_s / (settings.peak_tflops * 1e12)
 
 
 def measure_peak_memory(

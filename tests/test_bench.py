@@ -137,6 +137,76 @@ def test_saved_bytes_dedupe_storages(bench: ModuleType) -> None:
     assert saved["saved_bytes"] == 2 * x_bytes
 
 
+def test_saved_bytes_of_a_dropped_branch_are_not_counted(bench: ModuleType) -> None:
+    """A branch the forward builds and then drops (peft's DoRA detaches a product of its weights this way) frees
+    what it saved, as it does in training; only what the graph holds when the forward ends is counted."""
+    settings = bench.Settings(model="tiny", dtype="fp32", batch=2, seq=16, methods=["frozen"])
+
+    class DroppedBranch(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(4, 4))
+
+        def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> object:
+            x = input_ids.float().unsqueeze(-1).expand(-1, -1, 4).contiguous().requires_grad_()
+            norm = (torch.eye(4) * 3.0 @ self.weight).sin().detach()  # saves an eye product, then dropped
+            return type("Out", (), {"loss": (x.sin() * norm[0]).sum()})()
+
+    ids = torch.ones(2, 16, dtype=torch.long)
+    saved = bench.measure_saved(DroppedBranch(), {"input_ids": ids, "labels": ids}, settings, "frozen", True)
+    # x (sin's input) and norm (mul's other operand); eye * 3 and its product with the weight are gone
+    assert saved["saved_bytes"] == 2 * 16 * 4 * 4 + 4 * 4 * 4
+
+
+def test_a_freed_storage_address_used_again_is_a_new_storage(
+    bench: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Storages are keyed by address, and an address freed by a dropped branch may be used again by a tensor
+    saved later: that is a new storage, counted at its own size (the allocator's reuse is forced here by giving
+    both the same key)."""
+    settings = bench.Settings(model="tiny", dtype="fp32", batch=2, seq=16, methods=["frozen"])
+    storage_key = bench._storage_key
+    monkeypatch.setattr(
+        bench,
+        "_storage_key",
+        lambda t: ("cpu", 7) if t.untyped_storage().nbytes() in (1024, 64) else storage_key(t),
+    )
+
+    class ReusedAddress(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(3, 3))  # its size is not in the collision
+
+        def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> object:
+            x = input_ids.float().unsqueeze(-1).expand(-1, -1, 4).contiguous().requires_grad_()
+            wide = (torch.ones(16, 16) * self.weight.sum()).sin()  # saves 1024-byte storages, then dropped
+            norm = wide[:4, :4].detach().clone()  # 64 bytes, saved by the mul below at the "same address"
+            del wide  # the branch is freed (an address is only used again once freed)
+            return type("Out", (), {"loss": (x.sin() * norm[0]).sum()})()
+
+    ids = torch.ones(2, 16, dtype=torch.long)
+    saved = bench.measure_saved(ReusedAddress(), {"input_ids": ids, "labels": ids}, settings, "frozen", True)
+    assert saved["saved_bytes"] == 2 * 16 * 4 * 4 + 64
+
+
+def test_mfu_counts_model_flops_not_the_recomputation(bench: ModuleType) -> None:
+    """With checkpointing the FLOPs column counts the recomputed forward (it runs), MFU's numerator does not
+    (it keeps the input gradients of the first layer, which checkpointing makes the step compute)."""
+    results = {}
+    for checkpointing in (False, True):
+        settings = bench.Settings(model="tiny", dtype="fp32", batch=2, seq=16, methods=["lora"])
+        settings.checkpointing = checkpointing
+        base = bench.build_base(settings)
+        batch = bench.make_batch(settings, base.config.vocab_size)
+        results[checkpointing] = bench.count_method(base, "lora", settings, batch)[1]
+    assert results[False].model_flops is None
+    assert results[False].flops <= results[True].model_flops < results[True].flops
+    recomputed = results[True].flops - results[True].model_flops
+    assert (
+        recomputed > 0.25 * results[False].flops
+    )  # about a forward: a third of a step without checkpointing
+
+
 @pytest.mark.parametrize("dropout", [0.0, 0.05])
 def test_denselora_layers_save_no_fixed_bytes_and_masks_cost_a_bit_per_element(
     bench: ModuleType, dropout: float
