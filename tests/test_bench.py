@@ -11,6 +11,7 @@ import os
 import shlex
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
 
@@ -114,48 +115,48 @@ def test_median_interval_is_the_binomial_order_statistics(bench: ModuleType) -> 
     assert bench.median_interval([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0], level=0.5) == (3.0, 6.0)
 
 
-def test_saved_bytes_dedupe_storages(bench: ModuleType) -> None:
-    """A storage saved by several ops (the same normed input feeds q, k and v) is counted once."""
-    import torch
-
+def saved_bytes_of(
+    bench: ModuleType, loss_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], weight_shape=(4, 4)
+) -> int:
+    """What ``measure_saved`` counts for one forward of ``loss_of(x, weight)``: x is a ``2 x 16 x 4`` float32
+    leaf that requires grad (512 bytes), weight a parameter (never counted)."""
     settings = bench.Settings(model="tiny", dtype="fp32", batch=2, seq=16, methods=["frozen"])
 
-    class Shared(torch.nn.Module):
+    class Probe(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.weight = torch.nn.Parameter(torch.randn(4, 4))
+            self.weight = torch.nn.Parameter(torch.randn(weight_shape))
 
         def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> object:
             x = input_ids.float().unsqueeze(-1).expand(-1, -1, 4).contiguous().requires_grad_()
-            y = (x * x).sum() + (x * 2).sin().sum() + (x @ self.weight).sum()  # x saved by mul, mm
-            return type("Out", (), {"loss": y})()
+            return type("Out", (), {"loss": loss_of(x, self.weight)})()
 
     ids = torch.ones(2, 16, dtype=torch.long)
-    saved = bench.measure_saved(Shared(), {"input_ids": ids, "labels": ids}, settings, "frozen", True)
-    x_bytes = 2 * 16 * 4 * 4
-    # x once (mul's two operands and mm's input are the same storage), 2x once (sin's input); weight excluded
-    assert saved["saved_bytes"] == 2 * x_bytes
+    return bench.measure_saved(Probe(), {"input_ids": ids, "labels": ids}, settings, "frozen", True)[
+        "saved_bytes"
+    ]
+
+
+X_BYTES = 2 * 16 * 4 * 4
+
+
+def test_saved_bytes_dedupe_storages(bench: ModuleType) -> None:
+    """A storage saved by several ops (the same normed input feeds q, k and v) is counted once: x once (mul's two
+    operands and mm's input are the same storage), 2x once (sin's input)."""
+    saved = saved_bytes_of(bench, lambda x, w: (x * x).sum() + (x * 2).sin().sum() + (x @ w).sum())
+    assert saved == 2 * X_BYTES
 
 
 def test_saved_bytes_of_a_dropped_branch_are_not_counted(bench: ModuleType) -> None:
     """A branch the forward builds and then drops (peft's DoRA detaches a product of its weights this way) frees
-    what it saved, as it does in training; only what the graph holds when the forward ends is counted."""
-    settings = bench.Settings(model="tiny", dtype="fp32", batch=2, seq=16, methods=["frozen"])
+    what it saved, as it does in training: x (sin's input) and norm (mul's other operand) count; eye * 3 and
+    its product with the weight are gone."""
 
-    class DroppedBranch(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.weight = torch.nn.Parameter(torch.randn(4, 4))
+    def loss_of(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        norm = (torch.eye(4) * 3.0 @ weight).sin().detach()
+        return (x.sin() * norm[0]).sum()
 
-        def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> object:
-            x = input_ids.float().unsqueeze(-1).expand(-1, -1, 4).contiguous().requires_grad_()
-            norm = (torch.eye(4) * 3.0 @ self.weight).sin().detach()  # saves an eye product, then dropped
-            return type("Out", (), {"loss": (x.sin() * norm[0]).sum()})()
-
-    ids = torch.ones(2, 16, dtype=torch.long)
-    saved = bench.measure_saved(DroppedBranch(), {"input_ids": ids, "labels": ids}, settings, "frozen", True)
-    # x (sin's input) and norm (mul's other operand); eye * 3 and its product with the weight are gone
-    assert saved["saved_bytes"] == 2 * 16 * 4 * 4 + 4 * 4 * 4
+    assert saved_bytes_of(bench, loss_of) == X_BYTES + 4 * 4 * 4
 
 
 def test_a_freed_storage_address_used_again_is_a_new_storage(
@@ -163,8 +164,7 @@ def test_a_freed_storage_address_used_again_is_a_new_storage(
 ) -> None:
     """Storages are keyed by address, and an address freed by a dropped branch may be used again by a tensor
     saved later: that is a new storage, counted at its own size (the allocator's reuse is forced here by giving
-    both the same key)."""
-    settings = bench.Settings(model="tiny", dtype="fp32", batch=2, seq=16, methods=["frozen"])
+    the 1024-byte storages of the dropped branch and the 64-byte norm the same key)."""
     storage_key = bench._storage_key
     monkeypatch.setattr(
         bench,
@@ -172,21 +172,13 @@ def test_a_freed_storage_address_used_again_is_a_new_storage(
         lambda t: ("cpu", 7) if t.untyped_storage().nbytes() in (1024, 64) else storage_key(t),
     )
 
-    class ReusedAddress(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.weight = torch.nn.Parameter(torch.randn(3, 3))  # its size is not in the collision
+    def loss_of(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        wide = (torch.ones(16, 16) * weight.sum()).sin()
+        norm = wide[:4, :4].detach().clone()
+        del wide  # the branch is freed (an address is only used again once freed)
+        return (x.sin() * norm[0]).sum()
 
-        def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> object:
-            x = input_ids.float().unsqueeze(-1).expand(-1, -1, 4).contiguous().requires_grad_()
-            wide = (torch.ones(16, 16) * self.weight.sum()).sin()  # saves 1024-byte storages, then dropped
-            norm = wide[:4, :4].detach().clone()  # 64 bytes, saved by the mul below at the "same address"
-            del wide  # the branch is freed (an address is only used again once freed)
-            return type("Out", (), {"loss": (x.sin() * norm[0]).sum()})()
-
-    ids = torch.ones(2, 16, dtype=torch.long)
-    saved = bench.measure_saved(ReusedAddress(), {"input_ids": ids, "labels": ids}, settings, "frozen", True)
-    assert saved["saved_bytes"] == 2 * 16 * 4 * 4 + 64
+    assert saved_bytes_of(bench, loss_of, weight_shape=(3, 3)) == X_BYTES + 64  # 3 x 3: outside the collision
 
 
 def test_mfu_counts_model_flops_not_the_recomputation(bench: ModuleType) -> None:
