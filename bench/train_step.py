@@ -412,7 +412,8 @@ class SavedTensorRecorder:
         self.settings = settings
         self.storages: dict[tuple[str, int], SavedTensor] = {}
         self.holders: dict[tuple[str, int], list[weakref.ref]] = defaultdict(list)  # per storage key
-        self.packed: list[tuple[weakref.ref, tuple[str, int] | None]] = []
+        # each saved tensor's storage key, by the index its _Packed carries (None: a parameter's)
+        self.packed: list[tuple[str, int] | None] = []
         self.probe: list[int] = []
         self.tracker = ModuleTracker(model)
         # Undeduplicated sums, only to compare with counts made that way (see README, "validation").
@@ -423,11 +424,11 @@ class SavedTensorRecorder:
         held = _Packed(len(self.packed), tensor)
         self.naive["including_parameters"] += tensor.numel() * tensor.element_size()
         if key in self.resident:
-            self.packed.append((weakref.ref(held), None))
+            self.packed.append(None)
             return held
         self.naive["per_save_tensor_bytes"] += tensor.numel() * tensor.element_size()
         self.naive["per_save_storage_bytes"] += tensor.untyped_storage().nbytes()
-        self.packed.append((weakref.ref(held), key))
+        self.packed.append(key)
         if key in self.storages and not any(ref() is not None for ref in self.holders[key]):
             del self.storages[key]  # everything saved there is gone: a new storage at a freed address
             self.holders[key].clear()
@@ -495,7 +496,7 @@ def measure_saved(
 
 def _attribute_nodes(
     root: Any,
-    packed: list[tuple[weakref.ref, tuple[str, int] | None]],
+    packed: list[tuple[str, int] | None],
     storages: dict[tuple[str, int], SavedTensor],
     probe: list[int],
 ) -> None:
@@ -515,7 +516,7 @@ def _attribute_nodes(
             with contextlib.suppress(Exception):
                 getattr(node, name)
         for index in probe:
-            key = packed[index][1]
+            key = packed[index]
             if key in storages and node.name() not in storages[key].nodes:
                 storages[key].nodes.append(node.name())
         stack.extend(next_node for next_node, _ in node.next_functions)
