@@ -35,6 +35,7 @@ def build():
     return get_peft_model(model, config).train()
 
 
+LR = 1e-2
 generator = torch.Generator().manual_seed(0)
 batches = []
 for _ in range(3):  # global batches of 4 rows; prompt-masked labels give the two halves different counts
@@ -48,7 +49,7 @@ def train(model, rows, processes):
     # Trainer's normalisation: the loss sums over this process's tokens and divides by the global count,
     # times the process count because FSDP averages gradients over processes
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
+    optimizer = torch.optim.AdamW(trainable, lr=LR)
     for ids, labels in batches:
         items = int((labels[:, 1:] != -100).sum())
         loss = model(input_ids=ids[rows], labels=labels[rows], num_items_in_batch=items).loss * processes
@@ -82,5 +83,8 @@ if rank == 0:
     print(
         f"fsdp2 worst {worst:.3e} tensors {len(full)} shared {len(sharded)} layers {len(layers)}", flush=True
     )
-    assert worst < 1e-5, worst
+    # AdamW divides by sqrt(v): a weight whose gradient is near eps moves by an lr-sized step that float rounding of
+    # the reduction order can shift (1.6e-5 at lr 1e-2 on an AVX2 CPU, under 1e-5 on AVX512); an adapter that
+    # missed a process's gradients or weighted the halves wrongly is off by about lr
+    assert worst < 1e-2 * LR, worst
 dist.destroy_process_group()

@@ -12,6 +12,7 @@ import shlex
 import subprocess
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
 
@@ -92,6 +93,39 @@ def test_autocast_runs_what_finetune_bf16_runs(bench: ModuleType, tmp_path: Path
     assert saved[True]["denselora"] == saved[False]["denselora"]
     assert saved[True]["lora"] < saved[False]["lora"]
     assert "dropout 0.05, bf16 autocast" in (tmp_path / "RESULTS.md").read_text()
+
+
+def test_bf16_on_a_cpu_without_native_bf16_is_flagged(
+    bench: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """On an AVX2-only CPU bf16 matrix products are emulated and swamp every method's step: the run says so before
+    it starts, and its results block records the CPU's instruction set and whether bf16 was native."""
+    settings = bench.Settings(
+        model="tiny", r=8, lora_alpha=16, methods=["lora"], dtype="bf16", batch=1, seq=8
+    )
+    for native in (False, True):
+        monkeypatch.setattr(bench, "cpu_has_native_bf16", lambda native=native: native)
+        note = bench.emulated_bf16_note(settings)
+        assert note is None if native else "no native bf16" in note
+        assert bench.emulated_bf16_note(replace(settings, dtype="fp32")) is None
+        assert bench.emulated_bf16_note(replace(settings, device="cuda")) is None
+        info = bench.machine_info()
+        assert (
+            info["cpu_bf16"] is native and info["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+        )
+
+    monkeypatch.setattr(bench, "cpu_has_native_bf16", lambda: False)
+    out, results_md = tmp_path / "run.json", tmp_path / "RESULTS.md"
+    argv = ["--model", "tiny", "--dtype", "bf16", "--methods", "lora", "--repeats", "1", "--warmup", "0"]
+    bench.main([*argv, "--no_memory", "--out", str(out), "--results", str(results_md)])
+    assert "has no native bf16" in capsys.readouterr().err
+    machine_line = next(line for line in results_md.read_text().splitlines() if line.startswith("- machine:"))
+    assert f", {torch.backends.cpu.get_cpu_capability()}, bf16 emulated" in machine_line
+    # reports written before these fields existed render as before
+    report = json.loads(out.read_text())
+    for key in ("cpu_capability", "cpu_bf16"):
+        del report["machine"][key]
+    assert "bf16" not in bench.render_block(report).split("- machine:")[1].split("\n")[0]
 
 
 def test_paired_ratios_pair_each_repeat(bench: ModuleType) -> None:

@@ -175,8 +175,8 @@ def test_compiled_packed_attention_stays_in_one_graph() -> None:
         loss = loss_and_gradients(compiled, batch, 1)[0]
         grads = {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
         torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
-        for name in want:
-            torch.testing.assert_close(grads[name], want[name], rtol=1e-4, atol=1e-6)
+        for name in want:  # atol: the compiled graph sums in another order (1.9e-6 on an AVX2 CPU)
+            torch.testing.assert_close(grads[name], want[name], rtol=1e-4, atol=1e-5)
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert counters["stats"]["unique_graphs"] >= 1
 
