@@ -131,6 +131,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--dropout", type=float, default=0.05)
     parser.add_argument("--r", type=int, default=32)
+    parser.add_argument(
+        "--dtype", choices=("bf16", "fp32"), default=None, help="default bf16 for smollm2, fp32 for tiny"
+    )
     parser.add_argument("--steps", type=int, default=4, help="profiled rounds, one step per method each")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--top", type=int, default=40, help="ops shown, by |DenseLoRA - LoRA|")
@@ -147,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
         model=args.model,
         r=args.r,
         lora_alpha=2.0 * args.r,
-        dtype="bf16" if args.model == "smollm2" else "fp32",
+        dtype=args.dtype or ("bf16" if args.model == "smollm2" else "fp32"),
         batch=args.batch,
         seq=args.seq,
         dropout=args.dropout,
