@@ -52,6 +52,7 @@ sys.path.insert(0, str(REPO_ROOT))  # this checkout's dense_lora, from any worki
 import dense_lora  # noqa: E402  (registers the DENSELORA peft type)
 from dense_lora.cli import StrictArgumentParser  # noqa: E402
 from dense_lora.layer import one_call_per_layer, reference_implementation  # noqa: E402
+from dense_lora.models import cpu_has_native_bf16  # noqa: E402
 
 DEFAULT_METHODS = ("denselora", "denselora-reference", "lora", "dora", "frozen")
 # The paper's "Only Matrix" variant (identity activation) on the fused path: run beside "denselora", it shows
@@ -880,14 +881,6 @@ def code_state() -> dict[str, Any]:
 
 
 CODE_STATE = code_state()  # taken at import, next to the import of dense_lora.layer
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 matrices natively (AVX512-BF16 or AMX; oneDNN's test). Without it (an
-    AVX2-only CPU) a bf16 matrix product is emulated: on a 2-core AMD EPYC a 256 x 32 by 32 x 3072 product took
-    18 ms in bf16 against 0.5 ms in float32, and a SmolLM2 step 56 s against 0.7 s on a 2-core Xeon, so a bf16
-    run there times the emulation, not the methods."""
-    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def emulated_bf16_note(settings: Settings) -> str | None:

@@ -73,6 +73,16 @@ def resolve_model_path(name_or_path: str | os.PathLike[str]) -> str:
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (AVX512-BF16 or AMX: oneDNN's own test). An AVX2-only CPU
+    emulates them: a SmolLM2-135M training step (2 x 128 tokens, 2 cores, AMD EPYC) took 56 s in bf16 against
+    2.5 s in float32. Without oneDNN's test (another torch build) the CPU is assumed native."""
+    supported = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    if supported is None or not torch.backends.mkldnn.is_available():
+        return True
+    return bool(supported())
+
+
 def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
     """``"auto"`` keeps the checkpoint dtype on GPU but means float32 on CPU, where bf16/fp16 matmuls are slow
     or unsupported and the tests compare logits exactly."""

@@ -217,6 +217,31 @@ def test_bf16_run_keeps_float32_trainable_weights(tiny_base, train_file, tmp_pat
 # --- configuration, without training -------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_on_a_cpu_without_native_bf16_warns_before_loading(native, tmp_path, monkeypatch, capsys):
+    """An AVX2-only CPU emulates bf16 matrix products (a SmolLM2 step 56 s against 2.5 s in float32): --bf16 there
+    still trains, after one warning line; a CPU with native bf16, or a run without --bf16, gets none."""
+    import dense_lora.training.run as training_run
+
+    monkeypatch.setattr(training_run, "cpu_has_native_bf16", lambda: native)
+    for bf16 in (True, False):
+        training_run._setup(TrainConfig(base_model="x", output_dir=str(tmp_path / f"run-{bf16}"), bf16=bf16))
+        warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ")]
+        if bf16 and not native:
+            (line,) = warnings
+            assert "has no native bf16" in line and "without --bf16" in line
+        else:
+            assert warnings == []
+
+
+def test_native_bf16_is_onednns_answer(monkeypatch):
+    from dense_lora.models import cpu_has_native_bf16
+
+    assert cpu_has_native_bf16() is bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    assert cpu_has_native_bf16() is True  # nothing to ask: assume native, warn about nothing
+
+
 def test_gradient_accumulation_uses_the_global_batch():
     config = TrainConfig(base_model="x", batch_size=16, micro_batch_size=4)
     assert gradient_accumulation_steps(config, 1) == 4
