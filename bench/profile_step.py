@@ -156,6 +156,8 @@ def main(argv: list[str] | None = None) -> None:
         dropout=args.dropout,
         methods=list(METHODS),
     )
+    if note := bench.emulated_bf16_note(settings):
+        print(note, file=sys.stderr)
     base = bench.build_base(settings)
     batch = bench.make_batch(settings, base.config.vocab_size)
     models = {m: bench.attach_method(copy.deepcopy(base), m, settings) for m in METHODS}
@@ -163,6 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     print_report(report, args.top)
     if args.out:
         meta = {"argv": sys.argv[1:] if argv is None else argv, "torch_threads": torch.get_num_threads()}
+        meta["dtype"] = settings.dtype
         write_json_atomic(args.out, {"settings": meta, "methods": report})
 
 

@@ -52,7 +52,7 @@ sys.path.insert(0, str(REPO_ROOT))  # this checkout's dense_lora, from any worki
 import dense_lora  # noqa: E402  (registers the DENSELORA peft type)
 from dense_lora.cli import StrictArgumentParser  # noqa: E402
 from dense_lora.layer import one_call_per_layer, reference_implementation  # noqa: E402
-from dense_lora.models import cpu_has_native_bf16  # noqa: E402
+from dense_lora.models import cpu_has_native_bf16, emulated_bf16_warning  # noqa: E402
 
 DEFAULT_METHODS = ("denselora", "denselora-reference", "lora", "dora", "frozen")
 # The paper's "Only Matrix" variant (identity activation) on the fused path: run beside "denselora", it shows
@@ -884,14 +884,11 @@ CODE_STATE = code_state()  # taken at import, next to the import of dense_lora.l
 
 
 def emulated_bf16_note(settings: Settings) -> str | None:
-    """A warning for a bf16 run on a CPU without native bf16; None when the figures measure the methods."""
-    if settings.device != "cpu" or settings.dtype != "bf16" or uses_meta(settings) or cpu_has_native_bf16():
+    """A warning for a bf16 run on a CPU that emulates bf16; None when the figures measure the methods."""
+    if settings.device != "cpu" or settings.dtype != "bf16" or uses_meta(settings):
         return None
-    return (
-        f"note: this CPU ({torch.backends.cpu.get_cpu_capability()}) has no native bf16; bf16 matrix products are "
-        "emulated, tens of times slower than float32, and dominate every method's step; --dtype fp32 times the "
-        "methods on this machine"
-    )
+    warning = emulated_bf16_warning("they dominate every method's step; --dtype fp32 times the methods here")
+    return warning and f"note: {warning}"
 
 
 def machine_info() -> dict[str, Any]:
@@ -923,10 +920,14 @@ def machine_info() -> dict[str, Any]:
 
 
 def _cpu_features(info: dict[str, Any]) -> str:
-    """``, AVX512, native bf16`` for the machine line; empty for reports written before these were recorded."""
+    """``, AVX512, native bf16`` for the machine line of a CPU run (a GPU run: the instruction set only); empty for
+    reports written before these were recorded."""
     if "cpu_capability" not in info:
         return ""
-    return f", {info['cpu_capability']}, " + ("native bf16" if info["cpu_bf16"] else "bf16 emulated")
+    if info["gpu"]:
+        return f", {info['cpu_capability']}"
+    bf16 = {True: "native bf16", False: "bf16 emulated", None: "bf16 support unknown"}[info["cpu_bf16"]]
+    return f", {info['cpu_capability']}, {bf16}"
 
 
 def _fmt(value: float | None, spec: str) -> str:

@@ -73,14 +73,26 @@ def resolve_model_path(name_or_path: str | os.PathLike[str]) -> str:
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 matrices natively (AVX512-BF16 or AMX: oneDNN's own test). An AVX2-only CPU
-    emulates them: a SmolLM2-135M training step (2 x 128 tokens, 2 cores, AMD EPYC) took 56 s in bf16 against
-    2.5 s in float32. Without oneDNN's test (another torch build) the CPU is assumed native."""
+def cpu_has_native_bf16() -> bool | None:
+    """Whether oneDNN has bf16 kernels for this CPU (AVX512 or newer: AVX512-BF16, AMX, AVX2-VNNI-2; its own test);
+    None where the torch build cannot say (no oneDNN). Without them bf16 matrix products are emulated: a
+    SmolLM2-135M training step (2 x 128 tokens, 2 cores, an AVX2-only AMD EPYC) took 56 s in bf16 against 2.5 s in
+    float32."""
     supported = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
     if supported is None or not torch.backends.mkldnn.is_available():
-        return True
+        return None
     return bool(supported())
+
+
+def emulated_bf16_warning(remedy: str) -> str | None:
+    """The one-line warning for bf16 work on a CPU known to emulate bf16 (``remedy``: what to do instead); None
+    when the CPU has bf16 kernels or cannot tell (no warning on a guess)."""
+    if cpu_has_native_bf16() is not False:
+        return None
+    return (
+        f"this CPU ({torch.backends.cpu.get_cpu_capability()}) has no native bf16: bf16 matrix products are "
+        f"emulated here, tens of times slower than float32; {remedy}"
+    )
 
 
 def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype | str:

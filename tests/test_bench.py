@@ -100,24 +100,29 @@ def test_bf16_on_a_cpu_without_native_bf16_is_flagged(
 ) -> None:
     """On an AVX2-only CPU bf16 matrix products are emulated and swamp every method's step: the run says so before
     it starts, and its results block records the CPU's instruction set and whether bf16 was native."""
+    import dense_lora.models
+
+    def cpu_bf16(native: bool | None) -> None:
+        for module in (bench, dense_lora.models):
+            monkeypatch.setattr(module, "cpu_has_native_bf16", lambda: native)
+
     settings = bench.Settings(
         model="tiny", r=8, lora_alpha=16, methods=["lora"], dtype="bf16", batch=1, seq=8
     )
-    for native in (False, True):
-        monkeypatch.setattr(bench, "cpu_has_native_bf16", lambda native=native: native)
+    for native in (False, True, None):
+        cpu_bf16(native)
         note = bench.emulated_bf16_note(settings)
-        assert note is None if native else "no native bf16" in note
+        assert "no native bf16" in note if native is False else note is None  # no warning on a guess
         assert bench.emulated_bf16_note(replace(settings, dtype="fp32")) is None
         assert bench.emulated_bf16_note(replace(settings, device="cuda")) is None
         info = bench.machine_info()
-        assert (
-            info["cpu_bf16"] is native and info["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
-        )
+        assert info["cpu_bf16"] is native
+        assert info["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
 
-    monkeypatch.setattr(bench, "cpu_has_native_bf16", lambda: False)
+    cpu_bf16(False)
     out, results_md = tmp_path / "run.json", tmp_path / "RESULTS.md"
-    argv = ["--model", "tiny", "--dtype", "bf16", "--methods", "lora", "--repeats", "1", "--warmup", "0"]
-    bench.main([*argv, "--no_memory", "--out", str(out), "--results", str(results_md)])
+    argv = ["--model", "tiny", "--dtype", "bf16", "--device", "cpu", "--methods", "lora", "--repeats", "1"]
+    bench.main([*argv, "--warmup", "0", "--no_memory", "--out", str(out), "--results", str(results_md)])
     assert "has no native bf16" in capsys.readouterr().err
     machine_line = next(line for line in results_md.read_text().splitlines() if line.startswith("- machine:"))
     assert f", {torch.backends.cpu.get_cpu_capability()}, bf16 emulated" in machine_line
@@ -398,6 +403,35 @@ def test_profile_step_runs_interleaved_on_the_tiny_model(tmp_path: Path) -> None
     assert set(dense["_DenseLoraGroupFunctionBackward"]) == {"backward"}
     assert "aten::gelu_backward" in dense and "aten::gelu_backward" not in methods["lora"]["ops_ms"]
     assert not any(name.startswith("_DenseLora") for name in methods["frozen"]["ops_ms"])
+
+
+def test_profile_step_profiles_the_dtype_asked_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """--dtype bf16 profiles the tiny model in bf16 (default fp32), with train_step.py's note on a CPU that
+    emulates bf16."""
+    import dense_lora.models
+
+    monkeypatch.setattr(dense_lora.models, "cpu_has_native_bf16", lambda: False)
+    profiler = load_bench_script("profile_step")
+    out = tmp_path / "profile.json"
+    argv = [
+        "--model",
+        "tiny",
+        "--batch",
+        "1",
+        "--seq",
+        "8",
+        "--steps",
+        "1",
+        "--dropout",
+        "0",
+        "--dtype",
+        "bf16",
+    ]
+    profiler.main([*argv, "--out", str(out)])
+    assert json.loads(out.read_text())["settings"]["dtype"] == "bf16"
+    assert "has no native bf16" in capsys.readouterr().err
 
 
 def test_profile_step_rejects_bad_arguments_before_loading_anything(capsys: pytest.CaptureFixture) -> None:

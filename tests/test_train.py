@@ -217,17 +217,21 @@ def test_bf16_run_keeps_float32_trainable_weights(tiny_base, train_file, tmp_pat
 # --- configuration, without training -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("native", [False, True])
-def test_bf16_on_a_cpu_without_native_bf16_warns_before_loading(native, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("native", [False, True, None])
+def test_bf16_on_a_cpu_without_native_bf16_warns(native, tmp_path, monkeypatch, capsys):
     """An AVX2-only CPU emulates bf16 matrix products (a SmolLM2 step 56 s against 2.5 s in float32): --bf16 there
-    still trains, after one warning line; a CPU with native bf16, or a run without --bf16, gets none."""
+    still trains, after one warning line, before anything is loaded; a CPU with native bf16, one that cannot
+    tell, a GPU, or a run without --bf16 get none."""
+    import dense_lora.models
     import dense_lora.training.run as training_run
 
-    monkeypatch.setattr(training_run, "cpu_has_native_bf16", lambda: native)
-    for bf16 in (True, False):
-        training_run._setup(TrainConfig(base_model="x", output_dir=str(tmp_path / f"run-{bf16}"), bf16=bf16))
+    monkeypatch.setattr(dense_lora.models, "cpu_has_native_bf16", lambda: native)
+    for cuda, bf16 in ((False, True), (False, False), (True, True)):
+        monkeypatch.setattr(training_run.torch.cuda, "is_available", lambda cuda=cuda: cuda)
+        output_dir = tmp_path / f"run-{cuda}-{bf16}"
+        training_run._setup(TrainConfig(base_model="x", output_dir=str(output_dir), bf16=bf16))
         warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ")]
-        if bf16 and not native:
+        if bf16 and not cuda and native is False:
             (line,) = warnings
             assert "has no native bf16" in line and "without --bf16" in line
         else:
@@ -239,7 +243,7 @@ def test_native_bf16_is_onednns_answer(monkeypatch):
 
     assert cpu_has_native_bf16() is bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
-    assert cpu_has_native_bf16() is True  # nothing to ask: assume native, warn about nothing
+    assert cpu_has_native_bf16() is None  # this build cannot tell
 
 
 def test_gradient_accumulation_uses_the_global_batch():

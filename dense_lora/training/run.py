@@ -37,7 +37,7 @@ from transformers import PreTrainedTokenizerBase, Trainer, TrainingArguments, se
 
 from dense_lora import DenseLoraConfig
 from dense_lora.data import DataError, load_records, make_collator, subset, tokenize_records, train_val_split
-from dense_lora.models import cpu_has_native_bf16, load_base_model, load_tokenizer
+from dense_lora.models import emulated_bf16_warning, load_base_model, load_tokenizer
 from dense_lora.packing import choose_collator
 from dense_lora.runtime import is_main_process, versions, world_size, write_json_atomic
 
@@ -326,14 +326,11 @@ def _setup(config: TrainConfig) -> _Run:
     accumulation = gradient_accumulation_steps(config, processes)
     if config.fp16 and not torch.cuda.is_available():
         raise TrainError("--fp16 needs a CUDA GPU (float16 mixed precision does not run on CPU); use --bf16")
-    if config.bf16 and not torch.cuda.is_available() and not cpu_has_native_bf16() and is_main_process():
-        print(
-            f"warning: this CPU ({torch.backends.cpu.get_cpu_capability()}) has no native bf16: --bf16 runs "
-            "emulated bf16 matrix products here, tens of times slower than float32 (without --bf16)",
-            file=sys.stderr,
-        )
     check_output_dir(config)
     resume = resolve_resume(config)
+    cpu_bf16 = config.bf16 and not torch.cuda.is_available() and is_main_process()
+    if cpu_bf16 and (warning := emulated_bf16_warning("train without --bf16 on this machine")):
+        print(f"warning: {warning}", file=sys.stderr)
     if config.wandb_project:
         try:
             import wandb  # noqa: F401
