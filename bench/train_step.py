@@ -52,7 +52,7 @@ sys.path.insert(0, str(REPO_ROOT))  # this checkout's dense_lora, from any worki
 import dense_lora  # noqa: E402  (registers the DENSELORA peft type)
 from dense_lora.cli import StrictArgumentParser  # noqa: E402
 from dense_lora.layer import one_call_per_layer, reference_implementation  # noqa: E402
-from dense_lora.models import cpu_has_native_bf16, emulated_bf16_warning  # noqa: E402
+from dense_lora.models import emulated_bf16_warning  # noqa: E402
 
 DEFAULT_METHODS = ("denselora", "denselora-reference", "lora", "dora", "frozen")
 # The paper's "Only Matrix" variant (identity activation) on the fused path: run beside "denselora", it shows
@@ -906,7 +906,7 @@ def machine_info() -> dict[str, Any]:
     return {
         "cpu": cpu,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "cpu_bf16": cpu_has_native_bf16(),
+        "cpu_bf16": dense_lora.models.cpu_has_native_bf16(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "gpu": gpu,
@@ -1154,10 +1154,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     runs = []
     all_results: list[MethodResult] = []
+    if note := emulated_bf16_note(settings_for(args, modes[0])):  # the same for every checkpointing mode
+        log(note)
     for checkpointing in modes:
         settings = settings_for(args, checkpointing)
-        if note := emulated_bf16_note(settings):
-            log(note)
         log(
             f"model {settings.model}, checkpointing {'on' if checkpointing else 'off'}, device {settings.device}"
             + (" (meta: counts only)" if uses_meta(settings) else "")

@@ -103,8 +103,7 @@ def test_bf16_on_a_cpu_without_native_bf16_is_flagged(
     import dense_lora.models
 
     def cpu_bf16(native: bool | None) -> None:
-        for module in (bench, dense_lora.models):
-            monkeypatch.setattr(module, "cpu_has_native_bf16", lambda: native)
+        monkeypatch.setattr(dense_lora.models, "cpu_has_native_bf16", lambda: native)
 
     settings = bench.Settings(
         model="tiny", r=8, lora_alpha=16, methods=["lora"], dtype="bf16", batch=1, seq=8

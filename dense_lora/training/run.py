@@ -328,8 +328,8 @@ def _setup(config: TrainConfig) -> _Run:
         raise TrainError("--fp16 needs a CUDA GPU (float16 mixed precision does not run on CPU); use --bf16")
     check_output_dir(config)
     resume = resolve_resume(config)
-    cpu_bf16 = config.bf16 and not torch.cuda.is_available() and is_main_process()
-    if cpu_bf16 and (warning := emulated_bf16_warning("train without --bf16 on this machine")):
+    bf16_on_cpu = config.bf16 and not torch.cuda.is_available() and is_main_process()
+    if bf16_on_cpu and (warning := emulated_bf16_warning("train without --bf16 on this machine")):
         print(f"warning: {warning}", file=sys.stderr)
     if config.wandb_project:
         try:
