@@ -131,8 +131,11 @@ class InputGroup:
     The model forms groups from module names known to read the same input (``SAME_INPUT_MODULES``). The first
     member called with a new ``x`` computes every eligible member's output in one ``fused_group_add`` and returns
     its own; the others are kept, keyed on that tensor object and its version counter, and handed out when their
-    layers are called with it. A member called with anything else runs alone. With dropout each member keeps its
-    own masks (of x, the hidden and the output), drawn for all of them from one seed.
+    layers are called with it in the same state (``_member_state``: adapter, dropout, weight versions; a weight
+    updated in place or another adapter set in between makes the member run alone). A member called with anything
+    else runs alone. With dropout each member keeps its own masks (of x, the hidden and the output), drawn for all
+    of them from one seed. (Under ``torch.inference_mode`` tensors have no version counter, so an in-place write
+    to x between the members' calls goes unseen there; models compute q, k and v from one x without writing to it.)
 
     Which path a call takes depends only on the calls before it in the same forward, so gradient checkpointing's
     recomputation takes the same paths and saves the same tensors. The one state change, giving up on a group
@@ -143,7 +146,8 @@ class InputGroup:
     def __init__(self, members: list[Linear]) -> None:
         self.members = members
         self.enabled = True
-        self._pending: tuple[weakref.ref, int, bool, dict[int, torch.Tensor]] | None = None
+        # (x, its version, grad mode, {id(member): (its output, _member_state when computed)})
+        self._pending: tuple[weakref.ref, int, bool, dict[int, tuple[torch.Tensor, tuple]]] | None = None
 
     def __deepcopy__(self, memo: dict) -> InputGroup:
         """The copied members, grouped afresh: outputs kept for a tensor of the original are not copied."""
@@ -160,9 +164,11 @@ class InputGroup:
         if pending is not None:
             ref, version, grad_enabled, outputs = pending
             if ref() is x and version == _version(x) and grad_enabled == torch.is_grad_enabled():
-                out = outputs.pop(id(member), None)
+                kept = outputs.pop(id(member), None)
                 self._pending = pending if outputs else None
-                return out  # None: the member was not computed with the others (another adapter state)
+                if kept is None or kept[1] != _member_state(member, adapter):
+                    return None  # not computed with the others, or its adapter or weights changed since
+                return kept[0] if member.groupable(x, adapter) else None
             if outputs and self._may_stand_down():
                 self.enabled = False  # kept outputs nobody asked for: these members read different tensors
         if not self.enabled or not member.groupable(x, adapter):
@@ -181,7 +187,12 @@ class InputGroup:
             [m.scaling[adapter] for m in members],
             p,
         )
-        kept = {id(m): out for m, out in zip(members, outs, strict=True) if m is not member}
+        states = [_member_state(m, adapter) for m in members]
+        kept = {
+            id(m): (out, state)
+            for m, out, state in zip(members, outs, states, strict=True)
+            if m is not member
+        }
         self._pending = (weakref.ref(x), _version(x), torch.is_grad_enabled(), kept)
         return outs[members.index(member)]
 
@@ -197,6 +208,16 @@ class InputGroup:
         if torch._C._current_graph_task_id() != -1:  # inside backward
             return False
         return torch.is_grad_enabled() or not self.members[0].training
+
+
+def _member_state(member: Linear, adapter: str) -> tuple:
+    """What a member's output depends on besides x: its adapter and dropout in effect, and the tensors it computes
+    with, each by identity and version counter (an optimizer step or ``load_state_dict`` writes them in place;
+    ``.to()`` replaces them)."""
+    base = member.get_base_layer()
+    encoder, decoder = member.shared.get(adapter, member.module_type)
+    tensors = (base.weight, base.bias, encoder, member.denselora_M[adapter], decoder)
+    return (adapter, member.dropout_p(adapter), *((id(t), _version(t)) for t in tensors if t is not None))
 
 
 def _version(tensor: torch.Tensor) -> int:

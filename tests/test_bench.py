@@ -284,8 +284,9 @@ def test_only_matrix_variant_is_denselora_without_the_activation(bench: ModuleTy
 
 
 def test_per_layer_variant_computes_q_k_v_in_three_calls(bench: ModuleType, tmp_path: Path) -> None:
-    """``denselora-per-layer`` (opt-in) is the same adapter without the q/k/v group: at dropout 0 the grouped step
-    runs the block-diagonal decoder GEMM (its zero blocks are counted FLOPs), the per-layer one does not."""
+    """``denselora-per-layer`` (opt-in) is the same adapter without the q/k/v group: the grouped step computes
+    the same products in fewer calls, so the two count the same FLOPs (each member's decoder GEMM writes its own
+    columns; no block-diagonal product with zero blocks)."""
     assert "denselora-per-layer" in bench.METHODS and "denselora-per-layer" not in bench.DEFAULT_METHODS
     out = tmp_path / "run.json"
     argv = ["--model", "tiny", "--r", "8", "--repeats", "1", "--warmup", "0", "--no_memory", "--dropout", "0"]
@@ -294,7 +295,7 @@ def test_per_layer_variant_computes_q_k_v_in_three_calls(bench: ModuleType, tmp_
     results = {r["method"]: r for r in run["results"]}
     grouped, per_layer = results["denselora"], results["denselora-per-layer"]
     assert grouped["trainable_params"] == per_layer["trainable_params"]
-    assert grouped["flops"] > per_layer["flops"]
+    assert grouped["flops"] == per_layer["flops"] > 0
 
 
 @pytest.mark.parametrize(

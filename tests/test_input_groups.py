@@ -312,6 +312,36 @@ def test_in_place_change_of_the_input_is_not_served_stale_outputs():
     torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize("change", ["own middle", "shared encoder", "base weight", "other adapter"])
+def test_a_member_whose_state_changed_after_the_group_call_is_not_served_stale_outputs(change):
+    """q's call computes k's output and keeps it; when k is called with the same x after its weights were updated
+    in place (an optimizer step) or another adapter was set, k must compute its output afresh."""
+    torch.manual_seed(0)
+    model = get_peft_model(
+        CrossAttention(), config(target_modules=["q_proj", "k_proj", "v_proj"], r=2), adapter_name="alpha"
+    ).eval()
+    model.add_adapter("beta", config(target_modules=["q_proj", "k_proj", "v_proj"], r=2, init_seed=5))
+    model.set_adapter("alpha")
+    layers = model.base_model.model
+    k_proj = layers.k_proj
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        layers.q_proj(x)  # computes and keeps k's and v's outputs for x
+        if change == "own middle":
+            k_proj.denselora_M["alpha"].add_(1.0)
+        elif change == "shared encoder":
+            model.base_model.denselora_encoder["alpha"]["k_proj"].mul_(2.0)
+        elif change == "base weight":
+            k_proj.get_base_layer().weight.mul_(2.0)
+        else:
+            model.set_adapter("beta")
+        got = k_proj(x)
+        with reference_implementation():
+            want = k_proj(x)
+    torch.testing.assert_close(got, want)
+    assert k_proj.input_group.enabled  # the group goes on serving later calls
+
+
 def test_deepcopy_and_pickle_keep_each_copy_grouped_with_its_own_layers(tiny_inputs):
     model = get_peft_model(make_tiny_llama(), config()).eval()
     with torch.no_grad():
