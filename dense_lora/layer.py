@@ -210,14 +210,21 @@ class InputGroup:
         return torch.is_grad_enabled() or not self.members[0].training
 
 
-def _member_state(member: Linear, adapter: str) -> tuple:
+def _member_state(member: Linear, adapter: str) -> tuple | None:
     """What a member's output depends on besides x: its adapter and dropout in effect, and the tensors it computes
-    with, each by identity and version counter (an optimizer step or ``load_state_dict`` writes them in place;
-    ``.to()`` replaces them)."""
+    with, each by storage and version counter (an optimizer step or ``load_state_dict`` writes them in place and
+    bumps the version; ``.to()`` and ``.data =`` give them new storage). None for an adapter that is not a
+    DenseLoRA one on this layer (a LoRA module of a mixed config): never grouped."""
+    if adapter not in member.denselora_M:
+        return None
     base = member.get_base_layer()
     encoder, decoder = member.shared.get(adapter, member.module_type)
     tensors = (base.weight, base.bias, encoder, member.denselora_M[adapter], decoder)
-    return (adapter, member.dropout_p(adapter), *((id(t), _version(t)) for t in tensors if t is not None))
+    return (
+        adapter,
+        member.dropout_p(adapter),
+        *((t.data_ptr(), _version(t)) for t in tensors if t is not None),
+    )
 
 
 def _version(tensor: torch.Tensor) -> int:

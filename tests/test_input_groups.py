@@ -312,7 +312,10 @@ def test_in_place_change_of_the_input_is_not_served_stale_outputs():
     torch.testing.assert_close(got, want)
 
 
-@pytest.mark.parametrize("change", ["own middle", "shared encoder", "base weight", "other adapter"])
+@pytest.mark.parametrize(
+    "change",
+    ["own middle", "shared encoder", "base weight", "base weight swapped", "other adapter", "LoRA adapter"],
+)
 def test_a_member_whose_state_changed_after_the_group_call_is_not_served_stale_outputs(change):
     """q's call computes k's output and keeps it; when k is called with the same x after its weights were updated
     in place (an optimizer step) or another adapter was set, k must compute its output afresh."""
@@ -320,7 +323,9 @@ def test_a_member_whose_state_changed_after_the_group_call_is_not_served_stale_o
     model = get_peft_model(
         CrossAttention(), config(target_modules=["q_proj", "k_proj", "v_proj"], r=2), adapter_name="alpha"
     ).eval()
-    model.add_adapter("beta", config(target_modules=["q_proj", "k_proj", "v_proj"], r=2, init_seed=5))
+    lora_modules = ["k_proj"] if change == "LoRA adapter" else None  # beta adapts k with a plain LoRA pair
+    beta = config(target_modules=["q_proj", "k_proj", "v_proj"], r=2, init_seed=5, lora_modules=lora_modules)
+    model.add_adapter("beta", beta)
     model.set_adapter("alpha")
     layers = model.base_model.model
     k_proj = layers.k_proj
@@ -333,6 +338,9 @@ def test_a_member_whose_state_changed_after_the_group_call_is_not_served_stale_o
             model.base_model.denselora_encoder["alpha"]["k_proj"].mul_(2.0)
         elif change == "base weight":
             k_proj.get_base_layer().weight.mul_(2.0)
+        elif change == "base weight swapped":  # as nn.Module.to() does: same Parameter and version
+            weight = k_proj.get_base_layer().weight
+            weight.data = weight.data * 2.0
         else:
             model.set_adapter("beta")
         got = k_proj(x)
