@@ -1,9 +1,14 @@
 """The fused DenseLoRA function's forward+backward with and without dropout, now against an older revision.
 
 Why thread CPU time: on a shared 2-core machine wall time is stretched by other processes; the CPU time of the
-one thread torch runs on (``--threads 1``) is not. Versions are interleaved (one call of each per repeat).
+one thread torch runs on (``--threads 1``) is not. Versions are interleaved (one call of each per repeat, the order
+reversed every other repeat), and each repeat's now / old ratio is paired.
+
+``--shape in,out`` times one adapted layer (``fused_dense_add``); ``--shape in,out1,out2,...`` times siblings that
+read one x, as q/k/v do (``fused_group_add``).
 
     python bench/fused_dropout.py --old 4270540 --repeats 15
+    python bench/fused_dropout.py --old 522f249 --shape 576,576,192,192 --dtype fp32 --tokens 256 --repeats 80
 """
 
 from __future__ import annotations
@@ -42,28 +47,62 @@ def load_revision(revision: str):
     return module
 
 
-def main() -> None:
+def parse_shape(text: str) -> tuple[int, list[int]]:
+    """``in,out[,out...]`` as (in, [outs])."""
+    try:
+        dims = [int(d) for d in text.split(",")]
+    except ValueError:
+        dims = []
+    if len(dims) < 2 or min(dims) < 1:
+        raise argparse.ArgumentTypeError(f"--shape takes in,out[,out...] as positive integers, got {text!r}")
+    return dims[0], dims[1:]
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser = StrictArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--old", default="4270540", help="git revision of the version to compare with")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--tokens", type=int, default=256)
-    parser.add_argument("--shape", default="576,1536", help="in,out features (default: SmolLM2's up_proj)")
+    parser.add_argument(
+        "--shape",
+        type=parse_shape,
+        default="576,1536",
+        help="in,out features (default: SmolLM2's up_proj); in,out1,out2,... for siblings sharing x (q/k/v)",
+    )
     parser.add_argument("--r", type=int, default=32)
-    args = parser.parse_args()
-    torch.set_num_threads(1)
+    parser.add_argument(
+        "--dtype", choices=("bf16", "fp32"), default="bf16", help="the input's and base's dtype"
+    )
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    args = parser.parse_args(argv)
+    for name in ("repeats", "tokens", "r", "threads"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1")
+    torch.set_num_threads(args.threads)
     from dense_lora import fused as new
 
     old = load_revision(args.old)
-    in_features, out_features = map(int, args.shape.split(","))
-    x = torch.randn(args.tokens, in_features, dtype=torch.bfloat16, requires_grad=True)
-    linear = torch.nn.Linear(in_features, out_features, dtype=torch.bfloat16).requires_grad_(False)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    in_features, outs = args.shape
+    x = torch.randn(args.tokens, in_features, dtype=dtype, requires_grad=True)
+    linears = [torch.nn.Linear(in_features, out, dtype=dtype).requires_grad_(False) for out in outs]
     weights = [
-        torch.randn(shape, requires_grad=True)
-        for shape in ((args.r, in_features), (args.r, args.r), (out_features, args.r))
+        [
+            torch.randn(shape, requires_grad=True)
+            for shape in ((args.r, in_features), (args.r, args.r), (out, args.r))
+        ]
+        for out in outs
     ]
 
     def step(module, p: float) -> None:
-        module.fused_dense_add(linear, x, *weights, "gelu", 2.0, p).sum().backward()
+        if len(outs) == 1:
+            module.fused_dense_add(linears[0], x, *weights[0], "gelu", 2.0, p).sum().backward()
+        else:
+            encoders, middles, decoders = zip(*weights, strict=True)
+            results = module.fused_group_add(
+                linears, x, encoders, middles, decoders, "gelu", [2.0] * len(outs), p
+            )
+            torch.autograd.backward(results, [torch.ones_like(result) for result in results])
 
     cases = {
         f"{args.old} p=0.05": lambda: step(old, 0.05),
@@ -71,14 +110,27 @@ def main() -> None:
         f"{args.old} p=0": lambda: step(old, 0.0),
         "now p=0": lambda: step(new, 0.0),
     }
+    for case in cases.values():  # warm-up
+        case()
     times: dict[str, list[float]] = {name: [] for name in cases}
-    for _ in range(args.repeats):
-        for name, case in cases.items():
+    for repeat in range(args.repeats):
+        order = list(cases.items())
+        for name, case in order if repeat % 2 == 0 else order[::-1]:  # neither version always runs first
             start = time.thread_time()
             case()
             times[name].append(time.thread_time() - start)
     for name, values in times.items():
         print(f"{name:22s} median {statistics.median(values) * 1e3:7.2f} ms  min {min(values) * 1e3:7.2f} ms")
+    summary = {}
+    for p in ("0.05", "0"):
+        ratios = sorted(n / o for n, o in zip(times[f"now p={p}"], times[f"{args.old} p={p}"], strict=True))
+        quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+        summary[f"p={p}"] = {"median": statistics.median(ratios), "q1": quartiles[0], "q3": quartiles[-1]}
+        print(
+            f"p={p}: now / {args.old}, paired median {summary[f'p={p}']['median']:.3f} "
+            f"(IQR {quartiles[0]:.3f}-{quartiles[-1]:.3f})"
+        )
+    return summary
 
 
 if __name__ == "__main__":

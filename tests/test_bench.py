@@ -440,3 +440,45 @@ def test_profile_step_rejects_bad_arguments_before_loading_anything(capsys: pyte
         profiler.main(["--steps", "0"])
     assert exit_info.value.code == 2
     assert "--steps must be at least 1" in capsys.readouterr().err
+
+
+# bench/fused_dropout.py: the fused function now against another revision, one layer or siblings sharing x
+
+
+@pytest.mark.parametrize("shape", ["12,20", "12,12,4,4"])
+def test_fused_dropout_compares_a_revision_with_now(shape: str, capsys: pytest.CaptureFixture) -> None:
+    """Against HEAD's own fused.py (git is there in every checkout), one layer or a q/k/v-like group: both dropout
+    settings are timed and reported as paired ratios."""
+    script = load_bench_script("fused_dropout")
+    argv = [
+        "--old",
+        "HEAD",
+        "--shape",
+        shape,
+        "--tokens",
+        "8",
+        "--r",
+        "2",
+        "--repeats",
+        "3",
+        "--dtype",
+        "fp32",
+    ]
+    summary = script.main(argv)
+    assert set(summary) == {"p=0.05", "p=0"}
+    for cell in summary.values():
+        assert 0 < cell["q1"] <= cell["median"] <= cell["q3"]
+    assert "p=0: now / HEAD, paired median" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"), [(["--shape", "12"], "--shape takes"), (["--repeats", "0"], "--repeats")]
+)
+def test_fused_dropout_rejects_bad_arguments(
+    extra: list[str], message: str, capsys: pytest.CaptureFixture
+) -> None:
+    script = load_bench_script("fused_dropout")
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(extra)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
