@@ -1,8 +1,9 @@
 """The fused DenseLoRA function's forward+backward with and without dropout, now against an older revision.
 
-Why thread CPU time: on a shared 2-core machine wall time is stretched by other processes; the CPU time of the
-one thread torch runs on (``--threads 1``) is not. Versions are interleaved (one call of each per repeat, the order
-reversed every other repeat), and each repeat's now / old ratio is paired.
+Why CPU time: on a shared 2-core machine wall time is stretched by other processes; CPU time is not. With
+``--threads 1`` (the default) it is the CPU time of the one thread torch runs on; with more threads, the process's
+(every thread's work counted, so a GEMM split across threads is not made to look cheaper). Versions are
+interleaved (one call of each per repeat, the order reversed every other repeat), and each repeat's now / old ratio is paired.
 
 ``--shape in,out`` times one adapted layer (``fused_dense_add``); ``--shape in,out1,out2,...`` times siblings that
 read one x, as q/k/v do (``fused_group_add``).
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import inspect
 import statistics
 import subprocess
 import sys
@@ -45,6 +47,17 @@ def load_revision(revision: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _takes_positional(function, count: int) -> bool:
+    """Whether ``function`` exists and accepts ``count`` positional arguments (the call this script makes)."""
+    if function is None:
+        return False
+    try:
+        inspect.signature(function).bind(*([None] * count))
+    except TypeError:
+        return False
+    return True
 
 
 def parse_shape(text: str) -> tuple[int, list[int]]:
@@ -82,6 +95,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     from dense_lora import fused as new
 
     old = load_revision(args.old)
+    function = "fused_dense_add" if len(args.shape[1]) == 1 else "fused_group_add"
+    if not _takes_positional(getattr(old, function, None), 8):  # the calls in step() below
+        parser.error(f"revision {args.old} has no {function} with today's arguments; pick a later --old")
+    clock = time.thread_time if args.threads == 1 else time.process_time
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     in_features, outs = args.shape
     x = torch.randn(args.tokens, in_features, dtype=dtype, requires_grad=True)
@@ -116,15 +133,15 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     for repeat in range(args.repeats):
         order = list(cases.items())
         for name, case in order if repeat % 2 == 0 else order[::-1]:  # neither version always runs first
-            start = time.thread_time()
+            start = clock()
             case()
-            times[name].append(time.thread_time() - start)
+            times[name].append(clock() - start)
     for name, values in times.items():
         print(f"{name:22s} median {statistics.median(values) * 1e3:7.2f} ms  min {min(values) * 1e3:7.2f} ms")
     summary = {}
     for p in ("0.05", "0"):
         ratios = sorted(n / o for n, o in zip(times[f"now p={p}"], times[f"{args.old} p={p}"], strict=True))
-        quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+        quartiles = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else ratios * 3
         summary[f"p={p}"] = {"median": statistics.median(ratios), "q1": quartiles[0], "q3": quartiles[-1]}
         print(
             f"p={p}: now / {args.old}, paired median {summary[f'p={p}']['median']:.3f} "

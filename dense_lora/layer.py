@@ -220,11 +220,24 @@ def _member_state(member: Linear, adapter: str) -> tuple | None:
     base = member.get_base_layer()
     encoder, decoder = member.shared.get(adapter, member.module_type)
     tensors = (base.weight, base.bias, encoder, member.denselora_M[adapter], decoder)
-    return (
-        adapter,
-        member.dropout_p(adapter),
-        *((t.data_ptr(), _version(t)) for t in tensors if t is not None),
-    )
+    return (adapter, member.dropout_p(adapter), *(_Seen(t) for t in tensors if t is not None))
+
+
+class _Seen:
+    """A tensor's storage address and version counter at one moment, equal to another ``_Seen`` of the same
+    storage and version. It holds the storage, so while a kept output remembers it, no new storage can take
+    its address (two swaps through ``.data`` could otherwise land back on it)."""
+
+    __slots__ = ("address", "storage", "version")
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.storage = tensor.untyped_storage()
+        self.address, self.version = tensor.data_ptr(), _version(tensor)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Seen) and (self.address, self.version) == (other.address, other.version)
+
+    __hash__ = None  # mutable identity: compared, never hashed
 
 
 def _version(tensor: torch.Tensor) -> int:

@@ -482,3 +482,16 @@ def test_fused_dropout_rejects_bad_arguments(
         script.main(extra)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_fused_dropout_refuses_a_revision_without_the_function_timed(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """A revision from before q/k/v grouping has no fused_group_add: one line and exit 2, not a traceback."""
+    script = load_bench_script("fused_dropout")
+    old = SimpleNamespace(fused_dense_add=lambda base, x, e, m, d, activation, scaling, p, seed=None: None)
+    monkeypatch.setattr(script, "load_revision", lambda revision: old)
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(["--old", "abc1234", "--shape", "12,12,4,4", "--tokens", "8", "--repeats", "1"])
+    assert exit_info.value.code == 2
+    assert "revision abc1234 has no fused_group_add" in capsys.readouterr().err

@@ -131,6 +131,16 @@ def test_an_unused_member_output_gets_no_gradient_and_breaks_nothing():
     (outs[0].sum() + outs[2].sum()).backward()  # the second member's output is never used
     assert all(p.grad is None for p in params[1])  # as when it runs alone: weight decay leaves it alone too
     assert all(p.grad is not None and p.grad.any() for p in params[0] + params[2])
+    # the used members' gradients and x's are those of the two run alone (the unused one's columns add nothing)
+    alone = [[w.clone().requires_grad_(True) for w in weights] for _ in bases]
+    x_alone = x.detach().clone().requires_grad_(True)
+    sum(
+        fused.fused_dense_add(bases[i], x_alone, *alone[i], "gelu", 2.0, 0.0).sum() for i in (0, 2)
+    ).backward()
+    for i in (0, 2):
+        for got, want in zip(params[i], alone[i], strict=True):
+            torch.testing.assert_close(got.grad, want.grad)
+    torch.testing.assert_close(x.grad, x_alone.grad)
 
 
 def three_members(dtype=torch.float64):
@@ -392,3 +402,35 @@ def test_gate_and_up_are_grouped_when_both_are_adapted(tiny_inputs, group_calls)
             want = model(**tiny_inputs).logits
     assert sorted(group_calls) == sorted([3, 2] * base.config.num_hidden_layers)  # q/k/v, then gate/up
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+class SelfAttention(nn.Module):
+    """q, k and v read one x."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(8, 8, bias=False) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.q_proj(x) + self.k_proj(x) * self.v_proj(x)
+
+
+@pytest.mark.parametrize("transform", ["jvp", "vmap"])
+def test_grouped_equals_one_call_per_layer_under_func_transforms(transform, group_calls):
+    """Without autograd the group runs its forward directly; under torch.func transforms (and forward-mode AD) its
+    per-member products must not use ``out=`` GEMMs, which have no batching rule and no forward derivative."""
+    torch.manual_seed(0)
+    model = get_peft_model(SelfAttention(), config(target_modules=["q_proj", "k_proj", "v_proj"], r=2)).eval()
+    x, tangent = torch.randn(3, 8), torch.randn(3, 8)
+
+    def run():
+        with torch.no_grad():
+            if transform == "jvp":
+                return torch.func.jvp(model, (x,), (tangent,))
+            return torch.func.vmap(model)(torch.stack([x, tangent]))
+
+    with one_call_per_layer():
+        want = run()
+    got = run()
+    assert group_calls == [3]
+    torch.testing.assert_close(got, want)
