@@ -381,18 +381,17 @@ def _group_forward(x, weights, biases, encoders, middles, decoders, activation, 
     h = act(a) if act else a
     if dropout:
         h = h.mul_(keep_h) if act else h * keep_h
-    z = _decode_per_member(h, products)
+    slices = _member_slices(products)
+    z = _decode_per_member(h, products, slices)
     y = act_(z) if act_ else z
     if dropout:
         y.mul_(keep_y)
-    outs, start = [], 0
-    for weight, bias, scaling in zip(weights, biases, scalings, strict=True):
-        end = start + weight.shape[0]
-        out = torch.addmm(y[:, start:end], flat, weight.t(), beta=scaling * c)
+    outs = []
+    for weight, bias, scaling, (_, columns) in zip(weights, biases, scalings, slices, strict=True):
+        out = torch.addmm(y[:, columns], flat, weight.t(), beta=scaling * c)
         if bias is not None:
             out.add_(bias)
         outs.append(_whole(out, (*x.shape[:-1], weight.shape[0])))
-        start = end
     return outs, a, h, (dropout.saved if dropout else [])
 
 
@@ -428,9 +427,13 @@ def _member_slices(products: Sequence[torch.Tensor]) -> list[tuple[slice, slice]
 
 
 def _decode_per_member(
-    h: torch.Tensor, products: Sequence[torch.Tensor], used: Sequence[bool] | None = None
+    h: torch.Tensor,
+    products: Sequence[torch.Tensor],
+    slices: Sequence[tuple[slice, slice]],
+    used: Sequence[bool] | None = None,
 ) -> torch.Tensor:
-    """``z``, ``rows x (sum out)``: member i's ``h_i (c W_d,i M_i)^T`` written straight into its columns.
+    """``z``, ``rows x (sum out)``: member i's ``h_i (c W_d,i M_i)^T`` written straight into its columns
+    (``slices``: ``_member_slices(products)``).
 
     One GEMM per member, each into a column block of one buffer (BLAS takes the buffer's row stride as the
     output's leading dimension: no copy), rather than one GEMM against the block-diagonal of the products,
@@ -440,7 +443,6 @@ def _decode_per_member(
     Under ``torch.func`` transforms or forward-mode AD the blocks are concatenated instead: ``out=`` ops have
     no batching rule and no forward derivative.
     """
-    slices = _member_slices(products)
     used = [True] * len(products) if used is None else used
     if any(_seen_by_a_transform(t) for t in (h, *products)):
         blocks = [
@@ -448,7 +450,7 @@ def _decode_per_member(
             for (hidden, _), product, use in zip(slices, products, used, strict=True)
         ]
         return torch.cat(blocks, dim=1)
-    width = sum(product.shape[0] for product in products)
+    width = slices[-1][1].stop
     z = (torch.empty if all(used) else torch.zeros)(h.shape[0], width, dtype=h.dtype, device=h.device)
     for (hidden, out), product, use in zip(slices, products, used, strict=True):
         if use:
@@ -527,7 +529,7 @@ class _DenseLoraGroupFunction(torch.autograd.Function):
             keep_x, keep_h, keep_y = _group_masks(dropout, flat, encoder, products)
             grad.mul_(keep_y)
         if ACTIVATION_FUNCTIONS[activation]:
-            grad = _activation_backward(activation, grad, _decode_per_member(h, products, used))
+            grad = _activation_backward(activation, grad, _decode_per_member(h, products, slices, used))
         # member i's output scale s_i c over its r columns: one scalar when they share s (one adapter: always)
         scales = [s * c for s in scalings]
         if all(s == scales[0] for s in scales):

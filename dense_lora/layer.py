@@ -187,10 +187,9 @@ class InputGroup:
             [m.scaling[adapter] for m in members],
             p,
         )
-        states = [_member_state(m, adapter) for m in members]
         kept = {
-            id(m): (out, state)
-            for m, out, state in zip(members, outs, states, strict=True)
+            id(m): (out, _member_state(m, adapter))
+            for m, out in zip(members, outs, strict=True)
             if m is not member
         }
         self._pending = (weakref.ref(x), _version(x), torch.is_grad_enabled(), kept)
