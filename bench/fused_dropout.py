@@ -28,6 +28,9 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # this checkout's dense_lora, from any working directory
+sys.path.insert(0, str(REPO_ROOT / "bench"))  # the other bench scripts
+
+from train_step import paired_ratios  # noqa: E402
 
 from dense_lora.cli import StrictArgumentParser  # noqa: E402
 
@@ -140,13 +143,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         print(f"{name:22s} median {statistics.median(values) * 1e3:7.2f} ms  min {min(values) * 1e3:7.2f} ms")
     summary = {}
     for p in ("0.05", "0"):
-        ratios = sorted(n / o for n, o in zip(times[f"now p={p}"], times[f"{args.old} p={p}"], strict=True))
-        quartiles = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else ratios * 3
-        summary[f"p={p}"] = {"median": statistics.median(ratios), "q1": quartiles[0], "q3": quartiles[-1]}
-        print(
-            f"p={p}: now / {args.old}, paired median {summary[f'p={p}']['median']:.3f} "
-            f"(IQR {quartiles[0]:.3f}-{quartiles[-1]:.3f})"
-        )
+        median, (first, third) = paired_ratios(times[f"now p={p}"], times[f"{args.old} p={p}"])
+        summary[f"p={p}"] = {"median": median, "q1": first, "q3": third}
+        print(f"p={p}: now / {args.old}, paired median {median:.3f} (IQR {first:.3f}-{third:.3f})")
     return summary
 
 

@@ -372,16 +372,16 @@ def _group_forward(x, weights, biases, encoders, middles, decoders, activation, 
     c = dropout.scale if dropout else 1.0
     encoder = _scaled(torch.cat(encoders), c, dtype)
     products = _decoder_products(decoders, middles, dtype, c)
+    slices = _member_slices(products)
     act, act_ = ACTIVATION_FUNCTIONS[activation], _ACTIVATION_INPLACE[activation]
     if dropout:
-        keep_x, keep_h, keep_y = _group_masks(dropout, flat, encoder, products)
+        keep_x, keep_h, keep_y = _group_masks(dropout, flat, encoder, slices)
         a = _encode_per_member(flat * keep_x, encoder, len(weights))
     else:
         a = flat @ encoder.t()
     h = act(a) if act else a
     if dropout:
         h = h.mul_(keep_h) if act else h * keep_h
-    slices = _member_slices(products)
     z = _decode_per_member(h, products, slices)
     y = act_(z) if act_ else z
     if dropout:
@@ -395,11 +395,11 @@ def _group_forward(x, weights, biases, encoders, middles, decoders, activation, 
     return outs, a, h, (dropout.saved if dropout else [])
 
 
-def _group_masks(dropout, flat, encoder, products):
-    """The masks of one group call: x per member (``n x rows x in``), then the hidden and the output."""
-    rows, n = flat.shape[0], len(products)
-    width = sum(product.shape[0] for product in products)
-    shapes = ((n, *flat.shape), (rows, encoder.shape[0]), (rows, width))
+def _group_masks(dropout, flat, encoder, slices):
+    """The masks of one group call: x per member (``n x rows x in``), then the hidden and the output
+    (``slices``: ``_member_slices``, whose last output block ends at the buffer's width)."""
+    rows, n = flat.shape[0], len(slices)
+    shapes = ((n, *flat.shape), (rows, encoder.shape[0]), (rows, slices[-1][1].stop))
     return dropout.keep_many(*shapes, dtype=flat.dtype)
 
 
@@ -526,7 +526,7 @@ class _DenseLoraGroupFunction(torch.autograd.Function):
         products = _decoder_products(decoders, middles, dtype, c)
         slices = _member_slices(products)
         if dropout:  # forward's masks, unpacked from what forward kept
-            keep_x, keep_h, keep_y = _group_masks(dropout, flat, encoder, products)
+            keep_x, keep_h, keep_y = _group_masks(dropout, flat, encoder, slices)
             grad.mul_(keep_y)
         if ACTIVATION_FUNCTIONS[activation]:
             grad = _activation_backward(activation, grad, _decode_per_member(h, products, slices, used))
