@@ -5,7 +5,8 @@ and its activation, and dropout masks of in- and out-dim: several in/out-dim ten
 gets only what it cannot cheaply recompute:
 
 - ``x`` itself (no copy: q/k/v read the same tensor, so it is stored once for the three of them),
-- the two r-dim intermediates ``a = W_e x'`` and ``h = drop(act(a))`` (unscaled: see below),
+- the r-dim intermediate ``a = W_e x'``; backward forms ``h = drop(act(a))`` (unscaled: see below) from it again,
+  one r-wide activation call, rather than keeping a second r-wide tensor per module,
 - the three dropout masks, one bit per element (a sixteenth of the bf16 tensor each one masks), where autograd
   through the formula keeps each mask and each dropped tensor in the compute dtype. They come from 16 random bits
   per element held against a threshold (``SeededDropout``, about 0.5 ns per element where ``bernoulli_`` costs
@@ -228,13 +229,25 @@ def _dropout(
     return StoredDropout(p, device, saved) if seed is None else SeededDropout(seed, p, device, saved)
 
 
+def _hidden(a: torch.Tensor, activation: str, keep: torch.Tensor | None) -> torch.Tensor:
+    """``h = act(a) * keep`` (``keep``: the hidden's 0/1 mask, None without dropout), ``a`` left intact.
+
+    Forward computes it, and backward computes it again from ``a`` rather than keeping it: one r-wide activation
+    call per module instead of a second r-wide tensor kept per module and token."""
+    act = ACTIVATION_FUNCTIONS[activation]
+    h = act(a) if act else a
+    if keep is not None:
+        h = h.mul_(keep) if act else h * keep  # act(a) is a new tensor; a itself must stay intact
+    return h
+
+
 def _dense_forward(base, weight, bias, x, encoder, middle, decoder, activation, scaling, p, seed):
-    """The forward computation; returns the output and what backward needs (``a``, ``h``, the dropout).
+    """The forward computation; returns the output and what backward needs (``a``, the dropout).
 
     ``base`` is the frozen layer's output, or None when its weight (and bias) are given and the product is done
     here. With dropout, masks are 0/1 and the three ``1 / (1 - p)`` factors are folded where they cost nothing:
     into the encoder and the decoder product (weight-sized) and into the output scale, so the token-sized work
-    per mask is one multiply (for the output's mask, part of the residual add) and ``h`` is kept unscaled.
+    per mask is one multiply (for the output's mask, part of the residual add) and ``h`` stays unscaled.
     """
     dtype = x.dtype
     flat = x.reshape(-1, x.shape[-1])
@@ -242,18 +255,15 @@ def _dense_forward(base, weight, bias, x, encoder, middle, decoder, activation, 
     c = dropout.scale if dropout else 1.0
     product = _decoder_product(decoder, middle, dtype, c)
     encoder = _scaled(encoder, c, dtype)  # weight-sized, formed again in backward rather than kept
-    keep_y, dropped = None, flat  # flat stays x: the frozen product reads it undropped
+    keep_h = keep_y = None
+    dropped = flat  # flat stays x: the frozen product reads it undropped
     if dropout:  # the masks of x, h and y, in that order, from one draw
         rows = flat.shape[0]
         shapes = (flat.shape, (rows, encoder.shape[0]), (rows, product.shape[0]))
         keep_x, keep_h, keep_y = dropout.keep_many(*shapes, dtype=dtype)
         dropped = flat * keep_x
     a = dropped @ encoder.t()
-    act = ACTIVATION_FUNCTIONS[activation]
-    h = act(a) if act else a
-    if dropout:
-        h = h.mul_(keep_h) if act else h * keep_h  # act(a) is a new tensor; a itself must stay intact
-    z = h @ product.t()
+    z = _hidden(a, activation, keep_h) @ product.t()
     act_ = _ACTIVATION_INPLACE[activation]
     y = act_(z) if act_ else z
     if base is None:
@@ -262,10 +272,10 @@ def _dense_forward(base, weight, bias, x, encoder, middle, decoder, activation, 
             out = _add_scaled(out, y, scaling * c)
         else:  # out += s c (y * k_y) in one pass
             out.addcmul_(y, keep_y, value=scaling * c)
-        return _whole(out, (*x.shape[:-1], out.shape[-1])), a, h, dropout
+        return _whole(out, (*x.shape[:-1], out.shape[-1])), a, dropout
     if keep_y is not None:
         y.mul_(keep_y)
-    return _add_scaled(base, y.reshape(*base.shape).to(base.dtype), scaling * c, inplace=False), a, h, dropout
+    return _add_scaled(base, y.reshape(*base.shape).to(base.dtype), scaling * c, inplace=False), a, dropout
 
 
 def _whole(out: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
@@ -288,10 +298,10 @@ def _add_scaled(out: torch.Tensor, y: torch.Tensor, scale: float, inplace: bool 
 class _DenseLoraFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, base, weight, bias, x, encoder, middle, decoder, activation, scaling, p, seed):
-        out, a, h, dropout = _dense_forward(
+        out, a, dropout = _dense_forward(
             base, weight, bias, x, encoder, middle, decoder, activation, scaling, p, seed
         )
-        ctx.save_for_backward(x, a, h, encoder, middle, decoder, weight, *(dropout.saved if dropout else ()))
+        ctx.save_for_backward(x, a, encoder, middle, decoder, weight, *(dropout.saved if dropout else ()))
         ctx.activation, ctx.scaling, ctx.p, ctx.seed = activation, scaling, p, seed
         return out
 
@@ -309,8 +319,8 @@ class _DenseLoraFunction(torch.autograd.Function):
         """Gradients of ``out = base + s c (act(z) * k_y)``, ``z = h (c W_d M)^T``, ``h = act(a) * k_h``,
         ``a = (x * k_x)(c W_e)^T`` with 0/1 masks ``k`` unpacked from forward's and ``c = 1 / (1 - p)``. The
         weight-sized ``c W_e`` and ``c W_d M`` are formed again rather than kept from forward: kept, they would
-        add about 13 MiB on SmolLM2, 0.1x LoRA's activation memory at 256 tokens."""
-        x, a, h, encoder, middle, decoder, weight, *stored = ctx.saved_tensors
+        add about 13 MiB on SmolLM2, 0.1x LoRA's activation memory at 256 tokens. So is ``h``, from ``a``."""
+        x, a, encoder, middle, decoder, weight, *stored = ctx.saved_tensors
         activation, p = ctx.activation, ctx.p
         dtype = x.dtype
         need_x, need_enc, need_mid, need_dec = ctx.needs_input_grad[3:7]
@@ -319,9 +329,11 @@ class _DenseLoraFunction(torch.autograd.Function):
         dropout = _dropout(p, ctx.seed, x.device, stored)
         c = dropout.scale if dropout else 1.0
         scaling = ctx.scaling * c
+        keep_h = None
         if dropout:  # forward's masks (x, hidden, output), unpacked from what forward kept
             keep_x, keep_h, keep_y = dropout.keep_many(flat.shape, a.shape, grad.shape, dtype=dtype)
             grad = grad * keep_y
+        h = _hidden(a, activation, keep_h)
         product = _decoder_product(decoder, middle, dtype, c)
         if ACTIVATION_FUNCTIONS[activation]:
             grad = _activation_backward(activation, grad, h @ product.t())
@@ -332,7 +344,7 @@ class _DenseLoraFunction(torch.autograd.Function):
             grad_dec = outer @ middle.t() if need_dec else None
             grad_mid = decoder.t() @ outer if need_mid else None
         grad_a = (grad @ product).mul_(scaling)
-        if dropout:
+        if keep_h is not None:
             grad_a.mul_(keep_h)
         grad_a = _activation_backward(activation, grad_a, a)
         grad_enc = None
@@ -357,14 +369,14 @@ class _DenseLoraFunction(torch.autograd.Function):
 
 
 def _group_forward(x, weights, biases, encoders, middles, decoders, activation, scalings, p, seed):
-    """The forward computation of sibling layers that read one ``x``; returns the outputs, ``a``, ``h`` and what
-    the dropout keeps for backward (its packed masks; nothing without dropout).
+    """The forward computation of sibling layers that read one ``x``; returns the outputs, ``a`` and what the
+    dropout keeps for backward (its packed masks; nothing without dropout).
 
     The encoders are stacked into one ``(n r) x in`` GEMM (a batched one with dropout: each member drops its own
     elements of x); each member's decoder product writes its columns of one ``rows x (sum out)`` buffer
     (``_decode_per_member``), so the n members cost one encoder GEMM, two activation calls and one mask draw
     instead of n of each, and no FLOP more than n separate calls. Each frozen product and its scaled update are
-    one ``addmm``. ``a`` and ``h`` are ``rows x (n r)``, members side by side.
+    one ``addmm``. ``a`` (and the hidden ``h``) is ``rows x (n r)``, members side by side.
     """
     dtype = x.dtype
     flat = x.reshape(-1, x.shape[-1])
@@ -373,16 +385,14 @@ def _group_forward(x, weights, biases, encoders, middles, decoders, activation, 
     encoder = _scaled(torch.cat(encoders), c, dtype)
     products = _decoder_products(decoders, middles, dtype, c)
     slices = _member_slices(products)
-    act, act_ = ACTIVATION_FUNCTIONS[activation], _ACTIVATION_INPLACE[activation]
+    act_ = _ACTIVATION_INPLACE[activation]
+    keep_h = None
     if dropout:
         keep_x, keep_h, keep_y = _group_masks(dropout, flat, encoder, slices)
         a = _encode_per_member(flat * keep_x, encoder, len(weights))
     else:
         a = flat @ encoder.t()
-    h = act(a) if act else a
-    if dropout:
-        h = h.mul_(keep_h) if act else h * keep_h
-    z = _decode_per_member(h, products, slices)
+    z = _decode_per_member(_hidden(a, activation, keep_h), products, slices)
     y = act_(z) if act_ else z
     if dropout:
         y.mul_(keep_y)
@@ -392,7 +402,7 @@ def _group_forward(x, weights, biases, encoders, middles, decoders, activation, 
         if bias is not None:
             out.add_(bias)
         outs.append(_whole(out, (*x.shape[:-1], weight.shape[0])))
-    return outs, a, h, (dropout.saved if dropout else [])
+    return outs, a, (dropout.saved if dropout else [])
 
 
 def _group_masks(dropout, flat, encoder, slices):
@@ -474,10 +484,10 @@ class _DenseLoraGroupFunction(torch.autograd.Function):
     def forward(ctx, x, activation, scalings, biases, p, seed, *tensors):
         n = len(scalings)
         weights, encoders, middles, decoders = (tensors[i * n : (i + 1) * n] for i in range(4))
-        outs, a, h, masks = _group_forward(
+        outs, a, masks = _group_forward(
             x, weights, biases, encoders, middles, decoders, activation, scalings, p, seed
         )
-        ctx.save_for_backward(x, a, h, *masks, *tensors)
+        ctx.save_for_backward(x, a, *masks, *tensors)
         ctx.set_materialize_grads(False)  # an unused member's output gets None, and so do its weights
         ctx.mask_count = len(masks)
         ctx.activation, ctx.scalings, ctx.p, ctx.seed = activation, scalings, p, seed
@@ -497,7 +507,7 @@ class _DenseLoraGroupFunction(torch.autograd.Function):
         """Member i's gradients are ``_DenseLoraFunction``'s with its own masks; the stacked encoder and the
         per-member decoder products (into column blocks of shared buffers) give them all, and every input
         gradient lands in one buffer."""
-        x, a, h, *tensors = ctx.saved_tensors
+        x, a, *tensors = ctx.saved_tensors
         masks, tensors = tensors[: ctx.mask_count], tensors[ctx.mask_count :]
         activation, scalings = ctx.activation, ctx.scalings
         n = len(scalings)
@@ -525,9 +535,11 @@ class _DenseLoraGroupFunction(torch.autograd.Function):
         encoder = _scaled(torch.cat(encoders), c, dtype)
         products = _decoder_products(decoders, middles, dtype, c)
         slices = _member_slices(products)
+        keep_h = None
         if dropout:  # forward's masks, unpacked from what forward kept
             keep_x, keep_h, keep_y = _group_masks(dropout, flat, encoder, slices)
             grad.mul_(keep_y)
+        h = _hidden(a, activation, keep_h)
         if ACTIVATION_FUNCTIONS[activation]:
             grad = _activation_backward(activation, grad, _decode_per_member(h, products, slices, used))
         # member i's output scale s_i c over its r columns: one scalar when they share s (one adapter: always)
@@ -557,7 +569,7 @@ class _DenseLoraGroupFunction(torch.autograd.Function):
             if used[i]:
                 torch.mm(grad[:, out], product, out=grad_a[:, hidden])
         grad_a.mul_(column_scale)
-        if dropout:
+        if keep_h is not None:
             grad_a.mul_(keep_h)
         grad_a = _activation_backward(activation, grad_a, a)
         per_member = grad_a.view(rows, n, r).transpose(0, 1) if dropout else None  # n x rows x r

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import make_tiny_llama
 from peft import get_peft_model
 
 from dense_lora import DEFAULT_TARGET_MODULES, DenseLoraConfig
 from dense_lora.config import ACTIVATIONS
-from dense_lora.fused import SeededDropout, fused_dense_add
+from dense_lora.fused import SeededDropout, fused_dense_add, fused_group_add
 from dense_lora.layer import dense_delta, reference_implementation
 
 N, IN, OUT, R = 10, 48, 40, 6
@@ -148,16 +149,23 @@ def saved_bytes(fn, x, params) -> int:
     return sum(storages.values())
 
 
+def packed_mask_bytes(*counts: int) -> int:
+    """Bytes of masks kept one bit per element, each padded to whole 64-bit words of the 16-bit-per-element
+    stream (4 elements), all in one packed buffer."""
+    return -(-sum(4 * -(-count // 4) for count in counts) // 8)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "identity"])
 @pytest.mark.parametrize("p", [0.0, 0.1])
-def test_fused_keeps_only_x_and_two_rank_dim_tensors(p):
+def test_fused_keeps_only_x_and_one_rank_dim_tensor(p, activation):
     x = torch.randn(N, IN, dtype=torch.bfloat16, requires_grad=True)
     params = weights()
     with torch.random.fork_rng():
-        kept = saved_bytes(fused_update("gelu", 2.0, p, seed=3), x, params)
-    # x (bf16, not copied) + a and h (bf16), no weights; with dropout the masks of x, h and y packed one bit per
-    # element, each mask padded to whole 64-bit words of the 16-bit-per-element stream (4 elements)
-    masks = -(-sum(4 * -(-count // 4) for count in (x.numel(), N * R, N * OUT)) // 8) if p else 0
-    assert kept == x.numel() * 2 + 2 * N * R * 2 + masks
+        kept = saved_bytes(fused_update(activation, 2.0, p, seed=3), x, params)
+    # x (bf16, not copied) + a (bf16), no weights: backward forms h = drop(act(a)) again; with dropout the masks
+    # of x, h and y packed one bit per element
+    masks = packed_mask_bytes(x.numel(), N * R, N * OUT) if p else 0
+    assert kept == x.numel() * 2 + N * R * 2 + masks
     dropout = SeededDropout(3, p, x.device) if p else torch.nn.Identity()
     reference = saved_bytes(
         lambda x, e, m, d: dense_delta(x, e.bfloat16(), m.bfloat16(), d.bfloat16(), "gelu", dropout, 2.0),
@@ -165,6 +173,57 @@ def test_fused_keeps_only_x_and_two_rank_dim_tensors(p):
         params,
     )
     assert kept < reference
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_fused_group_keeps_only_x_and_one_rank_dim_tensor(p):
+    """q/k/v in one call keep x once and one r-wide tensor per member, with gradients equal to the formula's."""
+    generator = torch.Generator().manual_seed(1)
+    outs = (OUT, OUT // 2, OUT // 2)
+    bases = [torch.nn.Linear(IN, out, bias=False).requires_grad_(False) for out in outs]
+    adapters = [
+        [
+            (torch.randn(shape, generator=generator) / 3).requires_grad_()
+            for shape in ((R, IN), (R, R), (out, R))
+        ]
+        for out in outs
+    ]
+    params = [b.weight for b in bases] + [t for member in adapters for t in member]
+    x = torch.randn(N, IN, requires_grad=True)
+
+    def group(x, *_):
+        encoders, middles, decoders = zip(*adapters, strict=True)
+        return torch.cat(fused_group_add(bases, x, encoders, middles, decoders, "gelu", [2.0] * 3, p, 3), -1)
+
+    kept = saved_bytes(group, x, params)
+    masks = packed_mask_bytes(3 * x.numel(), N * 3 * R, N * sum(outs)) if p else 0
+    assert kept == x.numel() * 4 + N * 3 * R * 4 + masks
+
+    got = torch.autograd.grad(group(x).square().sum(), [x, *params[3:]])
+    dropout = SeededDropout(3, p, x.device) if p else torch.nn.Identity()
+    # the group draws x's masks first, for all members, then the hidden's and the output's: the same draw
+    keep_x, keep_h, keep_y = (
+        dropout.keep_many((3, N, IN), (N, 3 * R), (N, sum(outs)), dtype=x.dtype) if p else (None, None, None)
+    )
+
+    def reference(x, i, slices):
+        encoder, middle, decoder = adapters[i]
+        c = dropout.scale if p else 1.0
+        dropped = x * keep_x[i] * c if p else x
+        hidden = F.gelu(F.linear(dropped, encoder))
+        hidden = hidden * keep_h[:, slices[0]] * c if p else hidden
+        y = F.gelu(F.linear(F.linear(hidden, middle), decoder))
+        y = y * keep_y[:, slices[1]] * c if p else y
+        return bases[i](x) + 2.0 * y
+
+    columns = [0, *torch.tensor(outs).cumsum(0).tolist()]
+    want_out = torch.cat(
+        [reference(x, i, (slice(i * R, (i + 1) * R), slice(columns[i], columns[i + 1]))) for i in range(3)],
+        -1,
+    )
+    want = torch.autograd.grad(want_out.square().sum(), [x, *params[3:]])
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize(
