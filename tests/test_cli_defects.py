@@ -2,8 +2,8 @@
 
 Each case runs `finetune.py` / `commonsense_evaluate.py` main() on its argv in its own process. To spare a torch
 import per case (minutes on a loaded 2-core machine) the driver imports the CLIs once and forks one child per
-case, as tests/test_finetune_cli.py does; each child has its own exit status, stderr file and elapsed time (from
-the fork: the work after imports). The evaluation case that checks stderr for the bitsandbytes notice runs as
+case, as tests/test_finetune_cli.py does; each child has its own exit status, stderr file and count of the
+models it loaded (refusals that need no model must come before one loads). The evaluation case that checks stderr for the bitsandbytes notice runs as
 a plain subprocess, since only a fresh interpreter prints it.
 """
 
@@ -23,9 +23,6 @@ from helpers import ENV, REPO, make_tiny_llama, run_forked_clis, tiny_run_flags
 from peft import LoraConfig, get_peft_model
 
 from dense_lora.train import TRAINER_STATE_FILE
-
-# Refusals that need no model must come back in seconds; generous for a machine shared with training jobs.
-FAST_S = 20
 
 # This module's tiny runs take 4 steps without warmup; a case may override either.
 flags = partial(tiny_run_flags, max_steps=4, warmup_steps=0)
@@ -89,6 +86,8 @@ def cases(tiny_base, train_file, smollm2_dir, tmp_path_factory) -> dict[str, Any
                                                      max_steps=1, save_step=1000, eval_step=1000), "large"),
             "overwrite": case("finetune", flags(base, data, old, overwrite=True, max_steps=2), "overwrite"),
             "first run": case("finetune", flags(base, data, killed), "first"),
+            "left padding with packing": case("finetune", flags(base, data, tmp / "padleft", padding_side="left",
+                                                                 packing=True), "padleft"),
         },
     ]  # fmt: skip
     # Phase 2 works on what "first run" left: its checkpoints stand in for a run killed after checkpoint-2.
@@ -133,9 +132,10 @@ def cases(tiny_base, train_file, smollm2_dir, tmp_path_factory) -> dict[str, Any
 
 
 def test_11_2_overwrite_clears_eval_and_hashes_the_adapter(cases):
-    status, _ = cases["results"]["overwrite"]
+    status, models_loaded = cases["results"]["overwrite"]
     folder = cases["tmp"] / "overwritten"
     assert status == 0, cases["stderr"]["overwrite"][-3000:]
+    assert models_loaded == 1  # the count the refusals below are held to sees a run's one base model
     assert not (folder / "eval").exists()  # the old adapter's scores went with it
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["adapter_sha256"] == sha256(folder / "adapter_model.safetensors")
@@ -175,9 +175,9 @@ def test_11_4_rerun_resumes_from_the_newest_checkpoint_and_says_so(cases):
     records = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
     assert [record["step"] for record in records if "loss" in record] == [1, 2, 3, 4]  # one history
     # Asking explicitly not to resume a folder with progress is refused, naming the ways forward.
-    status, elapsed = cases["results"]["explicit no resume"]
+    status, models_loaded = cases["results"]["explicit no resume"]
     line = one_error_line(cases["stderr"]["explicit no resume"])
-    assert status == 2 and elapsed < FAST_S
+    assert status == 2 and models_loaded == 0
     assert "holds this run's checkpoints up to checkpoint-4" in line and "--overwrite" in line
 
 
@@ -191,22 +191,32 @@ def test_11_5_damaged_files_are_one_line(cases):
         "failed resume": ("cannot resume from", tmp / "failed"),
     }
     for name, (needle, folder) in expectations.items():
-        status, elapsed = cases["results"][name]
+        status, models_loaded = cases["results"][name]
         line = one_error_line(cases["stderr"][name])
         assert status == 2 and needle in line, (name, line)
         if folder is not None:
             assert not folder.exists(), name  # nothing written, no run_config.json left to block the folder
         if name in ("truncated safetensors", "pickle adapter", "corrupt trainer state"):
-            assert elapsed < FAST_S, (name, elapsed)  # refused before a model loads
+            assert models_loaded == 0, name  # refused before a model loads
     assert "weights_only=True" in cases["stderr"]["pickle adapter"]  # says how to convert
     # The damaged folder itself is left as it was (its progress is not discarded).
     assert (tmp / "bad_state" / "checkpoint-4" / TRAINER_STATE_FILE).read_text().endswith("log_hist")
 
 
+def test_inconsistent_flags_are_refused_before_a_model_loads(cases):
+    """Flags that parse but contradict each other are TrainConfig's checks: after torch is imported (the parse
+    errors of tests/test_cli_parse.py come before), before any model loads or anything is written."""
+    status, models_loaded = cases["results"]["left padding with packing"]
+    line = one_error_line(cases["stderr"]["left padding with packing"])
+    assert status == 2 and models_loaded == 0
+    assert line.startswith("error: --padding_side left asks for LLM-Adapters' left-padded batches")
+    assert not (cases["tmp"] / "padleft").exists()
+
+
 def test_11_6_fp16_on_cpu_and_oversized_adapters(cases):
-    status, elapsed = cases["results"]["fp16 on CPU"]
+    status, models_loaded = cases["results"]["fp16 on CPU"]
     line = one_error_line(cases["stderr"]["fp16 on CPU"])
-    assert status == 2 and elapsed < FAST_S
+    assert status == 2 and models_loaded == 0
     assert line == "error: --fp16 needs a CUDA GPU (float16 mixed precision does not run on CPU); use --bf16"
     assert not (cases["tmp"] / "fp16").exists()
     status, _ = cases["results"]["large adapter"]
