@@ -6,6 +6,7 @@ import json
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -97,12 +98,25 @@ def test_torchrun_two_processes_matches_one_process(tiny_base, train_file, tmp_p
 # --- interruption and resume ------------------------------------------------------------------------------
 
 
-def wait_for(condition, process: subprocess.Popen, timeout: float = 240) -> None:
+def signal_each_when(
+    plan: list[tuple[Callable[[], bool], subprocess.Popen, int]], timeout: float = 600
+) -> None:
+    """Send each process its signal as soon as its condition holds, watching all of them at once.
+
+    Waiting for one run's event before watching the next would let the second run, sharing the CPU, go past its
+    own event (up to finishing) in the meantime: the runs start together and their pace is the scheduler's."""
     deadline = time.monotonic() + timeout
-    while not condition():
-        assert process.poll() is None, f"run ended early: {process.communicate()[1][-3000:]}"
+    pending = list(plan)
+    while pending:
+        for event in list(pending):
+            condition, process, signum = event
+            if condition():
+                process.send_signal(signum)
+                pending.remove(event)
+            else:
+                assert process.poll() is None, f"run ended early: {process.communicate()[1][-3000:]}"
         assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
+        time.sleep(0.01)
 
 
 def logged_steps(output_dir: Path) -> list[int]:
@@ -133,11 +147,17 @@ def test_sigkill_and_sigterm_then_resume_give_the_uninterrupted_adapter(tiny_bas
         for name, folder in folders.items()
     }
     # SIGTERM during training: a checkpoint is saved and the run stops with the documented status.
-    wait_for(lambda: logged_steps(folders["stopped"]) != [], runs["stopped"])
-    runs["stopped"].send_signal(signal.SIGTERM)
     # SIGKILL once a checkpoint is complete; the resumed run restarts from the newest complete one.
-    wait_for(lambda: (folders["killed"] / "checkpoint-2" / TRAINER_STATE).is_file(), runs["killed"])
-    runs["killed"].send_signal(signal.SIGKILL)
+    signal_each_when(
+        [
+            (lambda: logged_steps(folders["stopped"]) != [], runs["stopped"], signal.SIGTERM),
+            (
+                lambda: (folders["killed"] / "checkpoint-2" / TRAINER_STATE).is_file(),
+                runs["killed"],
+                signal.SIGKILL,
+            ),
+        ]
+    )
     statuses = {name: (run.wait(timeout=300), run.stderr.read()) for name, run in runs.items()}
     assert statuses["reference"][0] == 0, statuses["reference"][1][-3000:]
     assert statuses["killed"][0] == -signal.SIGKILL
