@@ -45,6 +45,7 @@ from dense_lora.evaluation.settings import (
     EvaluationError,
     Kind,
     adapter_info,
+    check_flags,
     check_safetensors,
     select_datasets,
 )
@@ -63,6 +64,7 @@ __all__ = [
     "Kind",
     "adapter_info",
     "check_adapter_loaded",
+    "check_flags",
     "check_safetensors",
     "choose_batch_size",
     "cli",

@@ -16,6 +16,7 @@ learning shows at this scale.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -33,20 +34,29 @@ from .study.data import baselines
 DATASETS = ("ARC-Easy", "ARC-Challenge")
 
 
-def write_training_subset(path: Path, per_dataset: int) -> int:
-    """The first `per_dataset` records of each dataset's train.json, as one LLM-Adapters JSON file."""
-    records = [
+def training_subset(per_dataset: int) -> list[dict[str, Any]]:
+    """The first `per_dataset` records of each dataset's train.json."""
+    return [
         record for name in DATASETS for record in load_records(f"dataset/{name}/train.json")[:per_dataset]
     ]
+
+
+def write_records(path: Path, records: list[dict[str, Any]]) -> None:
+    """``records`` as one LLM-Adapters JSON file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, json.dumps(records))
-    return len(records)
 
 
 def score(
-    base_model: str, adapter: str | None, output_dir: Path, limit: int, batch_size: int
+    base_model: str,
+    adapter: str | None,
+    output_dir: Path,
+    limit: int,
+    batch_size: int,
+    max_new_tokens: int | None = None,
 ) -> dict[str, Any]:
-    """Accuracy per dataset on the first `limit` test examples, with the LLM-Adapters evaluation protocol."""
+    """Accuracy per dataset on the first `limit` test examples, with the LLM-Adapters evaluation protocol
+    (``max_new_tokens``: None for the protocol's budget)."""
     results = evaluate.run(
         "commonsense",
         list(DATASETS),
@@ -56,6 +66,7 @@ def score(
         limit=limit,
         output_dir=str(output_dir),
         overwrite=True,
+        max_new_tokens=max_new_tokens,
     )
     return {result["dataset"]: result for result in results}
 
@@ -87,22 +98,64 @@ def main(
     train_per_dataset: int = 96,
     eval_limit: int = 48,
     eval_batch_size: int = 16,
+    max_new_tokens: int | None = None,
     lora_r: int = 16,
     learning_rate: float = 2e-3,
     num_epochs: float = 1,
 ) -> None:
-    """Fine-tune DenseLoRA on SmolLM2-135M-Instruct and print accuracy before and after."""
+    """Fine-tune DenseLoRA on SmolLM2-135M-Instruct and print accuracy before and after.
+
+    ``max_new_tokens`` caps each answer's generation (None: the protocol's 128). An answer is scored once it is
+    fixed, but a model that has not learnt the format yet writes to the cap, so on a CPU the two evaluations'
+    decoding is most of the run; a smaller cap gives a quicker look, at the risk of cutting off late answers."""
     started = time.perf_counter()
     root = Path(output_dir)
-    base_model = str(smollm2_path())
     data_file = root / "train_subset.json"
-    count = write_training_subset(data_file, train_per_dataset)
-    print(f"[quickstart] base model {base_model}; {count} training records -> {data_file}", flush=True)
+    # Every flag is checked before anything is read, converted or written.
+    config = training_config(root, data_file, lora_r, learning_rate, num_epochs)
+    for flag, count in [
+        ("train_per_dataset", train_per_dataset),
+        ("eval_limit", eval_limit),
+        ("eval_batch_size", eval_batch_size),
+    ]:
+        if count < 1:
+            raise train.TrainError(f"--{flag} must be a positive integer, got {count}")
+    evaluate.check_flags(
+        "commonsense",
+        batch_size=eval_batch_size,
+        num_beams=1,
+        max_new_tokens=max_new_tokens,
+        limit=eval_limit,
+        extraction="llm-adapters",
+        load_8bit=False,
+        load_4bit=False,
+    )
+    records = training_subset(train_per_dataset)  # a missing data file stops the run here
 
-    before = score(base_model, None, root / "eval_before", eval_limit, eval_batch_size)
+    base_model = str(smollm2_path())
+    config = dataclasses.replace(config, base_model=base_model)
+    write_records(data_file, records)
+    print(f"[quickstart] base model {base_model}; {len(records)} training records -> {data_file}", flush=True)
+
+    before = score(base_model, None, root / "eval_before", eval_limit, eval_batch_size, max_new_tokens)
     loss_before = heldout_losses(base_model, None, eval_limit)
-    config = train.TrainConfig(
-        base_model=base_model,
+    summary = train.run(config)
+    after = score(
+        base_model, str(root / "adapter"), root / "eval_after", eval_limit, eval_batch_size, max_new_tokens
+    )
+    loss_after = heldout_losses(base_model, str(root / "adapter"), eval_limit)
+    reference = reference_baselines(eval_limit)
+
+    print_summary(lora_r, summary, root / "adapter", (before, after), (loss_before, loss_after), reference)
+    print(f"total time {time.perf_counter() - started:.0f} s; adapter in {root / 'adapter'}")
+
+
+def training_config(
+    root: Path, data_file: Path, lora_r: int, learning_rate: float, num_epochs: float
+) -> train.TrainConfig:
+    """The quickstart's training run (checked on construction); the base model is SmolLM2, resolved later."""
+    return train.TrainConfig(
+        base_model="smollm2",
         data_path=str(data_file),
         output_dir=str(root / "adapter"),
         batch_size=16,
@@ -119,13 +172,6 @@ def main(
         bf16=torch.cuda.is_available(),
         overwrite=True,
     )
-    summary = train.run(config)
-    after = score(base_model, str(root / "adapter"), root / "eval_after", eval_limit, eval_batch_size)
-    loss_after = heldout_losses(base_model, str(root / "adapter"), eval_limit)
-    reference = reference_baselines(eval_limit)
-
-    print_summary(lora_r, summary, root / "adapter", (before, after), (loss_before, loss_after), reference)
-    print(f"total time {time.perf_counter() - started:.0f} s; adapter in {root / 'adapter'}")
 
 
 def print_summary(

@@ -36,6 +36,7 @@ def test_quickstart_prints_baselines_and_a_falling_answer_loss(arc_present, tmp_
         train_per_dataset=8,
         eval_limit=3,
         eval_batch_size=4,
+        max_new_tokens=16,  # the untrained model writes to the cap: 128 tokens would be most of the test's time
         lora_r=8,
         learning_rate=5e-3,
         num_epochs=3,
@@ -55,3 +56,29 @@ def test_quickstart_prints_baselines_and_a_falling_answer_loss(arc_present, tmp_
         )
         loss_before, loss_after = values[-2], values[-1]
         assert math.isfinite(loss_before) and loss_after < loss_before, (name, loss_before, loss_after)
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--max_new_tokens", "0", "--max_new_tokens must be a positive integer, got 0"),
+        ("--eval_limit", "0", "--eval_limit must be a positive integer, got 0"),
+        ("--eval_batch_size", "-2", "--eval_batch_size must be a positive integer, got -2"),
+        ("--train_per_dataset", "0", "--train_per_dataset must be a positive integer, got 0"),
+        ("--lora_r", "0", "--lora_r"),
+        ("--learning_rate", "-1", "--learning_rate"),
+    ],
+)
+def test_bad_flags_are_refused_before_anything_is_read_or_written(flag, value, message, tmp_path, capsys):
+    """Each flag is checked first: no SmolLM2 conversion, no training subset, no output folder."""
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as stop:
+        quickstart.cli(["--output_dir", str(out), flag, value])
+    assert stop.value.code == 2
+    captured = capsys.readouterr()
+    assert (
+        captured.out == ""
+    )  # nothing started: the first line of a run is its "[quickstart] base model" note
+    (line,) = captured.err.strip().splitlines()
+    assert line.startswith("error: ") and message in line
+    assert not out.exists()

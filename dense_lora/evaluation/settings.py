@@ -21,8 +21,9 @@ from dense_lora.benchmarks import Family as Kind
 from dense_lora.data import DataError, benchmark_test_file, canonical_dataset_name, load_test_records
 from dense_lora.runtime import DenseLoRAError, file_sha256
 
-# Defaults of the authors' scripts: DoRA/DenseLoRA commonsense_evaluate.py generates 32 new tokens, the
-# math evaluate.py (DenseLoRA copy and LLM-Adapters at the time of the paper) 128; both use 4 beams.
+# The paper's setting, 128 new tokens for both families. The authors' scripts differ: DoRA/DenseLoRA
+# commonsense_evaluate.py generates 32, the math evaluate.py (DenseLoRA copy and LLM-Adapters at the time of the
+# paper) 128, both with 4 beams; docs/evaluation.md says how to match them.
 DEFAULT_MAX_NEW_TOKENS: dict[Kind, int] = {"commonsense": 128, "math": 128}
 EXTRACTION_CHOICES = (*EXTRACTIONS, "both")
 # Pickled weights execute code on load; the message says how to convert them once, somewhere trusted.
