@@ -435,7 +435,7 @@ QUICKSTART_HELP: dict[str, str] = {
     "train_per_dataset": "training records taken from each of ARC-Easy and ARC-Challenge",
     "eval_limit": "test examples scored per dataset, before and after",
     "eval_batch_size": "evaluation batch size",
-    "max_new_tokens": "generated-token budget per answer; default: the protocol's (128)",
+    "max_new_tokens": "generated-token budget per answer; default 128 (the paper's setting)",
     "lora_r": "DenseLoRA rank",
     "learning_rate": "AdamW peak learning rate",
     "num_epochs": "passes over the training subset",

@@ -45,7 +45,6 @@ from dense_lora.evaluation.settings import (
     EvaluationError,
     Kind,
     adapter_info,
-    check_flags,
     check_safetensors,
     select_datasets,
 )
@@ -64,7 +63,6 @@ __all__ = [
     "Kind",
     "adapter_info",
     "check_adapter_loaded",
-    "check_flags",
     "check_safetensors",
     "choose_batch_size",
     "cli",

@@ -2,7 +2,7 @@
 
 Usage: python tests/cli_fork_driver.py REPO PHASES_JSON, where PHASES_JSON is a list of phases, each
 {name: [script, argv, stderr_path]} with script "finetune" or "commonsense_evaluate". The phases run one after
-the other, the cases of a phase at the same time. Prints {name: [exit status, models loaded]} as the last line
+the other, the cases of a phase at the same time. Prints {name: [exit status, models loaded or null]} as the last line
 of stdout, where "models loaded" counts the child's calls of transformers' ``PreTrainedModel.from_pretrained``
 (every base model a CLI loads goes through it; peft adapters do not): the tests assert that bad input is refused
 before a model loads, which holds on a machine of any speed, where a bound on seconds does not.
@@ -41,6 +41,15 @@ def loads_path(stderr_path: str) -> str:
     return stderr_path + ".model_loads"
 
 
+def model_loads(stderr_path: str) -> int | None:
+    """How many models a case loaded; None when its child died before writing the count (its status says how)."""
+    try:
+        with open(loads_path(stderr_path)) as file:
+            return len(json.load(file))
+    except FileNotFoundError:
+        return None
+
+
 def run_case(main, argv: list[str], stderr_path: str) -> None:
     """In the child: stderr to its file, main(argv), the models it loaded to a file, exit with the CLI's status."""
     os.dup2(os.open(stderr_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 2)
@@ -76,8 +85,7 @@ def main() -> None:
         while children:
             pid, wait_status = os.wait()
             name, stderr_path = children.pop(pid)
-            with open(loads_path(stderr_path)) as file:
-                results[name] = (os.waitstatus_to_exitcode(wait_status), len(json.load(file)))
+            results[name] = (os.waitstatus_to_exitcode(wait_status), model_loads(stderr_path))
     print(json.dumps(results))
 
 

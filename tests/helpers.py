@@ -74,10 +74,10 @@ def finetune_succeeds(*flags: str, launcher: tuple[str, ...] = ()) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-def run_forked_clis(phases: list[dict[str, Any]], timeout: float) -> dict[str, list[float]]:
+def run_forked_clis(phases: list[dict[str, Any]], timeout: float) -> dict[str, list[int | None]]:
     """Run every case {name: (script, argv, stderr_path)} of each phase through tests/cli_fork_driver.py.
 
-    Returns {name: [exit status, number of models the case loaded]}; the driver itself must succeed.
+    Returns {name: [exit status, number of models the case loaded (None: the child died first)]}; the driver itself must succeed.
     """
     done = subprocess.run(
         [sys.executable, str(CLI_FORK_DRIVER), str(REPO), json.dumps(phases, default=str)],

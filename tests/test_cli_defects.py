@@ -3,8 +3,8 @@
 Each case runs `finetune.py` / `commonsense_evaluate.py` main() on its argv in its own process. To spare a torch
 import per case (minutes on a loaded 2-core machine) the driver imports the CLIs once and forks one child per
 case, as tests/test_finetune_cli.py does; each child has its own exit status, stderr file and count of the
-models it loaded (refusals that need no model must come before one loads). The evaluation case that checks stderr for the bitsandbytes notice runs as
-a plain subprocess, since only a fresh interpreter prints it.
+models it loaded (refusals that need no model must come before one loads). The evaluation case that checks
+stderr for the bitsandbytes notice runs as a plain subprocess, since only a fresh interpreter prints it.
 """
 
 from __future__ import annotations

@@ -120,11 +120,9 @@ def signal_each_when(
 
 
 def logged_steps(output_dir: Path) -> list[int]:
-    lines = (
-        (output_dir / "metrics.jsonl").read_text().splitlines()
-        if (output_dir / "metrics.jsonl").exists()
-        else []
-    )
+    """The steps with a training loss in a run's metrics.jsonl so far (a line still being written is left out)."""
+    path = output_dir / "metrics.jsonl"
+    lines = path.read_text().split("\n")[:-1] if path.exists() else []  # after the last newline: unfinished
     return [record["step"] for record in map(json.loads, lines) if "loss" in record]
 
 

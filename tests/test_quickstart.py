@@ -69,16 +69,23 @@ def test_quickstart_prints_baselines_and_a_falling_answer_loss(arc_present, tmp_
         ("--learning_rate", "-1", "--learning_rate"),
     ],
 )
-def test_bad_flags_are_refused_before_anything_is_read_or_written(flag, value, message, tmp_path, capsys):
-    """Each flag is checked first: no SmolLM2 conversion, no training subset, no output folder."""
+def test_bad_flags_are_refused_before_anything_is_read_or_written(
+    flag, value, message, tmp_path, capsys, monkeypatch
+):
+    """Each flag is checked first: no data read, no SmolLM2 conversion, no output folder."""
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("read or converted before the flags were checked")
+
+    monkeypatch.setattr(quickstart, "load_records", must_not_run)
+    monkeypatch.setattr(quickstart, "smollm2_path", must_not_run)
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as stop:
         quickstart.cli(["--output_dir", str(out), flag, value])
     assert stop.value.code == 2
     captured = capsys.readouterr()
-    assert (
-        captured.out == ""
-    )  # nothing started: the first line of a run is its "[quickstart] base model" note
+    # nothing started: the first line of a run is its "[quickstart] base model" note
+    assert captured.out == ""
     (line,) = captured.err.strip().splitlines()
     assert line.startswith("error: ") and message in line
     assert not out.exists()

@@ -21,11 +21,9 @@ QKVUD = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 LAUNCHERS = ("python", "python3", "torchrun", "accelerate")
 
 
-def dry_run(script: str, *args: str, **env: str) -> tuple[list[dict[str, object]], str]:
-    """The finetune.py flags of every command the script would launch, and its stderr.
-
-    The script runs with stand-ins for the launchers first on PATH, which note each call: a dry run must start
-    none of them (nothing is loaded, whatever the machine's speed)."""
+def run_dry(script: str, *args: str, **env: str) -> subprocess.CompletedProcess:
+    """``DRY_RUN=1 bash scripts/<script> args``, with stand-ins for the launchers first on PATH that note each
+    call: a dry run must succeed and start none of them (nothing is loaded, whatever the machine's speed)."""
     with tempfile.TemporaryDirectory() as stand_ins:
         calls = Path(stand_ins) / "calls"
         for name in LAUNCHERS:
@@ -40,6 +38,12 @@ def dry_run(script: str, *args: str, **env: str) -> tuple[list[dict[str, object]
         )
         assert done.returncode == 0, done.stderr
         assert not calls.exists(), f"a dry run started {calls.read_text()}"
+    return done
+
+
+def dry_run(script: str, *args: str, **env: str) -> tuple[list[dict[str, object]], str]:
+    """The finetune.py flags of every command the script would launch, and its stderr."""
+    done = run_dry(script, *args, **env)
     return [parse_command(line) for line in done.stdout.splitlines() if line.strip()], done.stderr
 
 
@@ -168,13 +172,7 @@ def test_overrides_are_explicit_and_reported(tmp_path):
 
 
 def test_evaluation_script_dry_run():
-    done = subprocess.run(
-        ["bash", str(REPO / "scripts" / "eval_commonsense.sh"), "runs/x", "llama3-8b"],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "DRY_RUN": "1"},
-    )
-    assert done.returncode == 0, done.stderr
+    done = run_dry("eval_commonsense.sh", "runs/x", "llama3-8b")
     evaluate, report = done.stdout.splitlines()
     assert "commonsense_evaluate.py --dataset all --base_model llama3-8b --lora_weights runs/x" in evaluate
     assert report == "python -m dense_lora.report runs/x --out runs/x/eval/report"
