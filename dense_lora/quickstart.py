@@ -124,8 +124,7 @@ def main(
     if max_new_tokens is not None:
         counts["max_new_tokens"] = max_new_tokens
     for flag, count in counts.items():
-        if count < 1:
-            raise train.TrainError(f"--{flag} must be a positive integer, got {count}")
+        train.require_positive_int(flag, count)
     records = training_subset(train_per_dataset)  # a missing data file stops the run here
 
     base_model = str(smollm2_path())

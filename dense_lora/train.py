@@ -18,6 +18,7 @@ from dense_lora.training.config import (
     config_from_flags,
     flags_help,
     gradient_accumulation_steps,
+    require_positive_int,
 )
 from dense_lora.training.run import (
     INTERRUPTED_EXIT_CODE,
@@ -80,6 +81,7 @@ __all__ = [
     "load_training_records",
     "parameter_counts",
     "peak_memory",
+    "require_positive_int",
     "resolve_resume",
     "run",
     "state_step",

@@ -133,8 +133,7 @@ def _normalise(config: TrainConfig) -> None:
 def _check_counts(config: TrainConfig) -> None:
     """Sizes, steps and the seed are integers: positive, non-negative, or -1 for max_steps (use epochs)."""
     for name in POSITIVE_INT_FIELDS:
-        value = getattr(config, name)
-        _require(is_int(value) and value > 0, f"--{name} must be a positive integer, got {value!r}")
+        require_positive_int(name, getattr(config, name))
     for name in NON_NEGATIVE_INT_FIELDS:
         value = getattr(config, name)
         _require(is_int(value) and value >= 0, f"--{name} must be a non-negative integer, got {value!r}")
@@ -233,6 +232,11 @@ def _check_checkpoint_cadence(config: TrainConfig) -> None:
 def is_int(value: object) -> bool:
     """An int that is not a bool (True is an int to Python, not a step count to a user)."""
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def require_positive_int(flag: str, value: object) -> None:
+    """Refuse anything but a positive int for ``--flag`` (the quickstart checks its own counts with it too)."""
+    _require(is_int(value) and value > 0, f"--{flag} must be a positive integer, got {value!r}")
 
 
 def _is_number(value: object) -> bool:
