@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -59,6 +60,33 @@ def tiny_run_flags(base: Path, data: Path, output_dir: Path, **overrides: Any) -
 def finetune(*flags: str, launcher: tuple[str, ...] = ()) -> list[str]:
     """The command that runs finetune.py (under `launcher`, e.g. torch.distributed.run) with `flags`."""
     return [sys.executable, *launcher, str(REPO / "finetune.py"), *flags]
+
+
+# Runs a script (argv[1]) with transformers' Trainer sending its own process `signum` once, as the first
+# micro-batch of optimizer step `step` + 1 begins: steps 1..`step` are logged and their checkpoints complete, and
+# nothing of the next step is. A signal at a chosen point, where one sent from outside could land anywhere.
+SIGNAL_ITSELF = """
+import os, runpy, signal, sys
+import transformers
+step, signum = int(os.environ["SIGNAL_AT_STEP"]), signal.Signals[os.environ["SIGNAL_NAME"]]
+training_step = transformers.Trainer.training_step
+def signalling_step(self, *args, **kwargs):
+    if self.state.global_step == step and not getattr(self, "_signal_sent", False):
+        self._signal_sent = True
+        os.kill(os.getpid(), signum)
+    return training_step(self, *args, **kwargs)
+transformers.Trainer.training_step = signalling_step
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def finetune_signalling_itself(
+    step: int, signum: signal.Signals, *flags: str
+) -> tuple[list[str], dict[str, str]]:
+    """The command and environment of a finetune.py run that sends itself `signum` as step `step` + 1 begins."""
+    command = [sys.executable, "-c", SIGNAL_ITSELF, str(REPO / "finetune.py"), *flags]
+    return command, {**ENV, "SIGNAL_AT_STEP": str(step), "SIGNAL_NAME": signum.name}
 
 
 def torchrun(processes: int, port: int) -> tuple[str, ...]:

@@ -5,13 +5,20 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import ENV, adapter, assert_same_adapter, finetune, finetune_succeeds, run_forked_clis, torchrun
+from helpers import (
+    ENV,
+    adapter,
+    assert_same_adapter,
+    finetune,
+    finetune_signalling_itself,
+    finetune_succeeds,
+    run_forked_clis,
+    torchrun,
+)
 from helpers import tiny_run_flags as cli_flags
 
 from dense_lora.train import INTERRUPTED_EXIT_CODE
@@ -98,27 +105,6 @@ def test_torchrun_two_processes_matches_one_process(tiny_base, train_file, tmp_p
 # --- interruption and resume ------------------------------------------------------------------------------
 
 
-def signal_each_when(
-    plan: list[tuple[Callable[[], bool], subprocess.Popen, int]], timeout: float = 600
-) -> None:
-    """Send each process its signal as soon as its condition holds, watching all of them at once.
-
-    Waiting for one run's event before watching the next would let the second run, sharing the CPU, go past its
-    own event (up to finishing) in the meantime: the runs start together and their pace is the scheduler's."""
-    deadline = time.monotonic() + timeout
-    pending = list(plan)
-    while pending:
-        for event in list(pending):
-            condition, process, signum = event
-            if condition():
-                process.send_signal(signum)
-                pending.remove(event)
-            else:
-                assert process.poll() is None, f"run ended early: {process.communicate()[1][-3000:]}"
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
-
-
 def logged_steps(output_dir: Path) -> list[int]:
     """The steps with a training loss in a run's metrics.jsonl so far (a line still being written is left out)."""
     path = output_dir / "metrics.jsonl"
@@ -130,39 +116,36 @@ def logged_steps(output_dir: Path) -> list[int]:
 def test_sigkill_and_sigterm_then_resume_give_the_uninterrupted_adapter(tiny_base, train_file, tmp_path):
     """Dropout on (0.05): exact resume needs the data order, optimizer, scheduler and RNG streams restored.
 
-    The uninterrupted reference, the run killed with SIGKILL and the run stopped with SIGTERM start together
-    (each waits on events, not on timing), then both interrupted runs resume together.
+    The uninterrupted reference, a run killed with SIGKILL and a run stopped with SIGTERM start together. The
+    interrupted runs send themselves their signal as step 4 begins (steps 1-3 logged, checkpoint-2 complete), so
+    where it lands does not depend on how the scheduler shares the CPU; then both resume together.
     """
     folders = {name: tmp_path / name for name in ("reference", "killed", "stopped")}
-    runs = {
-        name: subprocess.Popen(
-            finetune(*cli_flags(tiny_base, train_file, folder)),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=ENV,
-        )
-        for name, folder in folders.items()
+    commands = {
+        "reference": (finetune(*cli_flags(tiny_base, train_file, folders["reference"])), ENV),
+        # SIGKILL between checkpoints: the resumed run restarts from the newest complete one.
+        "killed": finetune_signalling_itself(
+            3, signal.SIGKILL, *cli_flags(tiny_base, train_file, folders["killed"])
+        ),
+        # SIGTERM during training: a checkpoint is saved and the run stops with the documented status.
+        "stopped": finetune_signalling_itself(
+            3, signal.SIGTERM, *cli_flags(tiny_base, train_file, folders["stopped"])
+        ),
     }
-    # SIGTERM during training: a checkpoint is saved and the run stops with the documented status.
-    # SIGKILL once a checkpoint is complete; the resumed run restarts from the newest complete one.
-    signal_each_when(
-        [
-            (lambda: logged_steps(folders["stopped"]) != [], runs["stopped"], signal.SIGTERM),
-            (
-                lambda: (folders["killed"] / "checkpoint-2" / TRAINER_STATE).is_file(),
-                runs["killed"],
-                signal.SIGKILL,
-            ),
-        ]
-    )
-    statuses = {name: (run.wait(timeout=300), run.stderr.read()) for name, run in runs.items()}
+    runs = {
+        name: subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+        for name, (command, env) in commands.items()
+    }
+    statuses = {name: (run.wait(timeout=600), run.stderr.read()) for name, run in runs.items()}
     assert statuses["reference"][0] == 0, statuses["reference"][1][-3000:]
-    assert statuses["killed"][0] == -signal.SIGKILL
+    assert statuses["killed"][0] == -signal.SIGKILL, statuses["killed"][1][-3000:]
     assert statuses["stopped"][0] == INTERRUPTED_EXIT_CODE, statuses["stopped"][1][-3000:]
+    # The killed run logged step 3 after its last checkpoint (2); the stopped one finished step 4 and saved it.
+    assert logged_steps(folders["killed"]) == [1, 2, 3]
+    assert sorted(p.name for p in folders["killed"].glob("checkpoint-*")) == ["checkpoint-2"]
     summary = json.loads((folders["stopped"] / "summary.json").read_text())
-    assert summary["status"] == "interrupted" and summary["global_step"] < 6
-    assert (folders["stopped"] / f"checkpoint-{summary['global_step']}" / TRAINER_STATE).is_file()
+    assert (summary["status"], summary["global_step"]) == ("interrupted", 4)
+    assert (folders["stopped"] / "checkpoint-4" / TRAINER_STATE).is_file()
     for name in ("killed", "stopped"):
         assert not (folders[name] / "adapter_model.safetensors").exists()
 
@@ -187,5 +170,5 @@ def test_sigkill_and_sigterm_then_resume_give_the_uninterrupted_adapter(tiny_bas
             4,
             5,
             6,
-        ]  # the killed run's lines past its checkpoint dropped
+        ]  # the killed run's line of step 3, past its checkpoint, dropped
         assert_same_adapter(adapter(folders[name]), expected, atol=1e-6)
