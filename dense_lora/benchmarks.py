@@ -62,7 +62,8 @@ def _number(name: str, short: str = "", in_paper: bool = True) -> Benchmark:
     return Benchmark(name, "math", "number", NUMBER_PATTERN, short, in_paper=in_paper)
 
 
-# Order is the paper's column order within a family, and the order of ``--dataset all``. social_i_qa has three
+# Order is LLM-Adapters' evaluation order, the order of ``--dataset all`` and of report columns: the paper's
+# column order within a family except that its tables print ARC-e before ARC-c. social_i_qa has three
 # options, but LLM-Adapters reads it with the five-option pattern, so a stray "answer4" is extracted (and wrong).
 REGISTRY: tuple[Benchmark, ...] = (
     _option("boolq", "true|false", "BoolQ"),

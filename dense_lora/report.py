@@ -51,7 +51,8 @@ from dense_lora.paper import (
 )
 from dense_lora.runtime import DenseLoRAError, file_sha256, write_bytes_atomic, write_figure_atomic
 
-METHOD_NAMES = {"denselora": "DenseLoRA", "lora": "LoRA", "dora": "DoRA"}
+# finetune.py --method (dense_lora.training.config.METHODS) as the paper spells it
+METHOD_NAMES = {"denselora": "DenseLoRA", "lora": "LoRA", "dora": "DoRA", "vera": "VeRA"}
 RUN_CONFIG_FILE = "run_config.json"  # dense_lora.train's names; repeated so a report never imports training
 SUMMARY_FILE = "summary.json"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
@@ -283,8 +284,10 @@ def run_facts(
     flags = run_config or summary.get("config") or {}
     if not flags and not adapter_config and not summary.get("method"):
         return None
-    if flags.get("adapter_name") or summary.get("method"):
-        name = str(flags.get("adapter_name") or summary.get("method")).lower()
+    # --method; adapter_name: how run folders written before --method spelt it
+    declared = flags.get("method") or flags.get("adapter_name") or summary.get("method")
+    if declared:
+        name = str(declared).lower()
         method = METHOD_NAMES.get(name, name)
     else:
         method = _method_from_adapter(adapter_config)

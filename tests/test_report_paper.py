@@ -16,7 +16,7 @@ import pytest
 
 from dense_lora.evaluate import BENCHMARKS
 from dense_lora.paper import PAPER_BENCHMARKS, table
-from dense_lora.report import comparisons, load_run, main
+from dense_lora.report import comparisons, load_run, main, run_facts
 from dense_lora.train import TrainConfig, build_peft_config
 
 LLAMA3 = "meta-llama/Meta-Llama-3-8B"
@@ -44,7 +44,7 @@ def make_run(
         (folder / "run_config.json").write_text(json.dumps(config.fingerprint(), indent=2, sort_keys=True))
         summary = {
             "status": "completed",
-            "method": config.adapter_name,
+            "method": config.method,
             "base_model": config.base_model,
             "trainable_params": 1,
             "base_params": round(100 / share_pct),
@@ -133,6 +133,7 @@ def test_table1_row_beside_a_llama3_denselora_run(tmp_path, capsys):
         ),
         ({"lora_r": 32, "adapter_name": "lora"}, "Table 1, LoRA r=32, llama3-8b", 80.8),
         ({"lora_r": 16, "adapter_name": "dora"}, "Table 1, DoRA r=16, llama3-8b", 85.0),
+        ({"lora_r": 256, "method": "vera"}, "Table 1, VeRA r=256, llama3-8b", 67.7),
     ],
 )
 def test_each_experiment_finds_its_published_row(tmp_path, flags, source, paper_avg):
@@ -145,6 +146,13 @@ def test_each_experiment_finds_its_published_row(tmp_path, flags, source, paper_
         assert item.diff("boolq") == pytest.approx(run.accuracy["boolq"] - item.row.scores["boolq"])
     else:
         assert item.diff("boolq") is None
+
+
+def test_run_config_alone_names_the_method():
+    """run_config.json records --method (adapter_name: folders from before the rename); it alone names the run."""
+    for flags in ({"method": "dora"}, {"adapter_name": "dora"}):
+        facts = run_facts({**flags, "lora_r": 16, "base_model": LLAMA3}, {}, {})
+        assert (facts.method, facts.r) == ("DoRA", 16)
 
 
 def test_adapter_without_training_flags_is_matched_from_adapter_config(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -105,7 +106,8 @@ def test_heldout_slices_drop_test_records_seen_in_training(tmp_path, monkeypatch
         {"instruction": f"question {i}", "input": "", "output": "x", "answer": "true"} for i in range(10)
     ]
     test = [
-        {"instruction": f"question  {i}", "input": "", "output": "x", "answer": "true"} for i in range(5, 15)
+        {"instruction": f"question  {i}", "input": "", "output": "x", "answer": str(i < 12).lower()}
+        for i in range(5, 15)
     ]
     (data / "dataset" / "boolq").mkdir(parents=True)
     (data / "dataset" / "boolq" / "train.json").write_text(json.dumps(train))
@@ -113,11 +115,13 @@ def test_heldout_slices_drop_test_records_seen_in_training(tmp_path, monkeypatch
     monkeypatch.setenv("DENSELORA_DATA", str(data))
     slices = [
         item
-        for item in build_heldout("commonsense", ["dataset/boolq/train.json"], 3, tmp_path / "out")
+        for item in build_heldout("commonsense", ["dataset/boolq/train.json"], 3, tmp_path / "out", scored=2)
         if item.dataset == "boolq"
     ]
     assert slices[0].excluded_overlap == 5  # "question  5" is "question 5" up to whitespace
-    assert slices[0].records == 3
+    assert (slices[0].records, slices[0].scored) == (3, 2)
+    # the baselines are over the 2 scored records (true, true), not the slice's 3 (true, true, false)
+    assert slices[0].majority == 1.0
     kept = json.loads((tmp_path / "out" / "dataset" / "boolq" / "test.json").read_text())
     assert [record["instruction"] for record in kept] == ["question  10", "question  11", "question  12"]
     taken = build_training("commonsense", ["dataset/boolq/train.json"], 6, 2, tmp_path / "mix")
@@ -151,6 +155,7 @@ def test_aggregation_reports_seed_spread_beside_baselines(tmp_path):
             "family": "commonsense",
             "records": 4,
             "excluded_overlap": 0,
+            "scored": 4,
             "chance": 0.5,
             "majority": 0.75,
         },
@@ -159,6 +164,7 @@ def test_aggregation_reports_seed_spread_beside_baselines(tmp_path):
             "family": "commonsense",
             "records": 4,
             "excluded_overlap": 0,
+            "scored": 4,
             "chance": 0.25,
             "majority": 0.5,
         },
@@ -179,7 +185,9 @@ def test_aggregation_reports_seed_spread_beside_baselines(tmp_path):
     _fake_run(
         tmp_path / "commonsense" / "base", 0, {"boolq": 3.0, "ARC-Easy": 3.0}, {"boolq": 0.1, "ARC-Easy": 0.0}
     )
+    shutil.rmtree(study.run_dir(runs[-1]) / "eval")  # one LoRA seed trained but not yet scored
     text = aggregate.write_results(study, runs, tmp_path / "results", {"machine": "test"})
+    assert "| LoRA r=2 (matched) | 414,720 | 0.415 | 3 | 1.3100 ± 0.0100 | 47.5 ± 3.5 (2 of 3 seeds) |" in text
     assert (
         "| DenseLoRA r=32 | 374,784 | 0.375 | 3 | 1.1100 ± 0.0100 | 50.0 ± 5.0 | 60.0 ± 0.0 | 40.0 ± 10.0 |"
         in text

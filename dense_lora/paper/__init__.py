@@ -148,7 +148,14 @@ def published_row(facts: RunFacts) -> PaperRow | None:
         return _row("table3_table8_granularity", label, model, rows[0]) if rows else None
     if facts.data_fraction != 1.0:
         rows = [row for row in table("table7_low_resource") if row["fraction"] == facts.data_fraction]
-        usable = rows and facts.method == "DenseLoRA" and facts.r == 32 and model == "llama3-8b"
+        # Table 7 is DenseLoRA r=32 on LLaMA-3-8B trained on fractions of the commonsense data, nothing else
+        usable = (
+            rows
+            and facts.family == "commonsense"
+            and facts.method == "DenseLoRA"
+            and facts.r == 32
+            and model == "llama3-8b"
+        )
         return (
             _row("table7_low_resource", f"{facts.data_fraction:.0%} data", model, rows[0]) if usable else None
         )

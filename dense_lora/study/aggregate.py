@@ -183,7 +183,7 @@ def summary_table(
                 f"{first.share_pct:.3f}",
                 str(len(members)),
                 loss.text(4),
-                accuracy.text(1, 100),
+                accuracy.text(1, 100) + _partial(accuracy, len(members)),
                 *[item.text(1, 100) for item in per_dataset],
             ]
         )
@@ -214,6 +214,11 @@ def summary_table(
         )
     csv_header = [*CSV_SUMMARY_HEADER, *[f"accuracy_{name}" for name in datasets]]
     return header, rows, csv_header, csv_rows
+
+
+def _partial(metric: Spread, seeds: int) -> str:
+    """Says over how many of a method's seeds a mean is taken when some have not measured it (yet)."""
+    return f" ({len(metric.values)} of {seeds} seeds)" if 0 < len(metric.values) < seeds else ""
 
 
 CSV_SUMMARY_HEADER = [
@@ -495,17 +500,27 @@ def _sweep_section(learning_rates: dict[str, Any], out: Path) -> list[str]:
 
 
 def _slices_section(manifest: dict[str, Any]) -> list[str]:
-    """Every test slice with its size, the records dropped as seen in training, and its baselines."""
+    """Every test slice with its size, the records dropped as seen in training, how many of its first records
+    accuracy is measured on, and the baselines on those."""
     rows = [
         [
             item["family"],
             item["dataset"],
             str(item["records"]),
             str(item["excluded_overlap"]),
+            str(item["scored"]),
             _fmt(item["chance"], 1, 100),
             _fmt(item["majority"], 1, 100),
         ]
         for item in manifest["slices"]
     ]
-    header = ["Family", "Benchmark", "Records", "Dropped (in training data)", "Chance (%)", "Majority (%)"]
+    header = [
+        "Family",
+        "Benchmark",
+        "Records (loss)",
+        "Dropped (in training data)",
+        "Scored (accuracy)",
+        "Chance (%)",
+        "Majority (%)",
+    ]
     return ["## Test slices", "", _markdown(header, rows), ""]

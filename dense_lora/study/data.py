@@ -37,10 +37,12 @@ class Slice:
 
     dataset: str
     family: str
-    records: int
+    records: int  # in the slice (the held-out loss reads them all)
     excluded_overlap: int  # test records dropped because their instruction is in the training files
+    scored: int  # the first records of the slice, the ones generation accuracy is measured on
+    # Both baselines are over the scored records, the ones the accuracies next to them are measured on:
     chance: float  # expected accuracy of a uniform guess among each record's options (0 for numeric answers)
-    majority: float  # accuracy of always answering the slice's most frequent label
+    majority: float  # accuracy of always answering the most frequent label
 
 
 def _exists(relative: str) -> bool:
@@ -125,8 +127,13 @@ def baselines(records: Sequence[dict[str, Any]], dataset: str) -> tuple[float, f
     return chance, majority
 
 
-def build_heldout(family: str, training_files: Sequence[str], limit: int | None, root: Path) -> list[Slice]:
-    """Write the clean test slice of every benchmark of `family` that is present, under ``root/dataset/``."""
+def build_heldout(
+    family: str, training_files: Sequence[str], limit: int | None, root: Path, scored: int | None = None
+) -> list[Slice]:
+    """Write the clean test slice of every benchmark of `family` that is present, under ``root/dataset/``.
+
+    ``limit`` records per slice (None: all); accuracy is measured on the first ``scored`` of them (None: all), so
+    the chance and majority baselines are computed on those."""
     seen = {_instruction_key(record) for path in training_files for record in load_records(path)}
     slices = []
     for dataset in COMMONSENSE_DATASETS if family == "commonsense" else MATH_DATASETS:
@@ -137,8 +144,13 @@ def build_heldout(family: str, training_files: Sequence[str], limit: int | None,
         clean = [record for record in records if _instruction_key(record) not in seen]
         kept = clean if limit is None else clean[:limit]
         _write(root / relative, kept)
-        chance, majority = baselines(kept, dataset)
-        slices.append(Slice(dataset, family, len(kept), len(records) - len(clean), chance, majority))
+        scored_records = kept if scored is None else kept[:scored]
+        chance, majority = baselines(scored_records, dataset)
+        slices.append(
+            Slice(
+                dataset, family, len(kept), len(records) - len(clean), len(scored_records), chance, majority
+            )
+        )
     return slices
 
 

@@ -126,7 +126,9 @@ def _fingerprint(payload: Any) -> str:
 def prepare_data(study: Study) -> dict[str, Any]:
     """Build (or reuse) the data files; returns the manifest with every slice's baselines."""
     profile = study.profile
-    settings = {"profile": profile.name, "families": list(study.families)}
+    # "baselines": where the chance/majority figures are computed; a manifest from before they were computed on
+    # the scored records (and not on the whole loss slice) lacks it and is built again
+    settings = {"profile": profile.name, "families": list(study.families), "baselines": "scored records"}
     manifest_file = study.data_dir / "manifest.json"
     manifest = read_json(manifest_file)
     if manifest and manifest.get("settings") == settings:
@@ -138,9 +140,11 @@ def prepare_data(study: Study) -> dict[str, Any]:
         per_source = profile.train_per_source if family == "commonsense" else profile.math_train
         validation = profile.validation_per_source if family == "commonsense" else profile.math_validation
         manifest["training"][family] = build_training(family, sources, per_source, validation, study.data_dir)
-        limits = [profile.heldout_per_benchmark, _accuracy_limit(profile, family)]
+        scored = _accuracy_limit(profile, family)
+        limits = [profile.heldout_per_benchmark, scored]
         limit = None if None in limits else max(limits)
-        manifest["slices"] += slices_as_dicts(build_heldout(family, sources, limit, study.heldout_root))
+        slices = build_heldout(family, sources, limit, study.heldout_root, scored)
+        manifest["slices"] += slices_as_dicts(slices)
     _write_json(manifest_file, manifest)
     return manifest
 
