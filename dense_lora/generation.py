@@ -27,6 +27,7 @@ or multi-process run generates every row in exactly the same batch as a single u
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -303,7 +304,7 @@ def generate_with_transformers(
         bos_token_id=tokenizer.bos_token_id,
         use_cache=True,
     )
-    with torch.inference_mode():
+    with torch.inference_mode(), _without_model_generation_defaults(model):
         sequences = model.generate(
             input_ids=input_ids, attention_mask=attention_mask, generation_config=config
         )
@@ -314,6 +315,24 @@ def generate_with_transformers(
         ends = [position for position, token in enumerate(generated) if token in eos_ids]
         responses.append(_response(tokenizer, prompt_ids, generated[: ends[0] + 1] if ends else generated))
     return responses
+
+
+@contextmanager
+def _without_model_generation_defaults(model: PreTrainedModel) -> Iterator[None]:
+    """Generation settings that are the protocol's alone, whatever model the run uses.
+
+    transformers 5 fills every field the config passed to ``generate`` leaves unset from the model's own
+    ``generation_config`` (e.g. an instruct model's ``repetition_penalty``), which changes beam search and makes
+    it disagree with the greedy loop, which reads none of them. The model's config is set aside for the call."""
+    owner = (
+        model.get_base_model() if hasattr(model, "get_base_model") else model
+    )  # a PeftModel's transformers model
+    saved = owner.generation_config
+    owner.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        owner.generation_config = saved
 
 
 def generate_planned(

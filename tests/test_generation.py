@@ -74,6 +74,21 @@ def test_batched_greedy_equals_batch_one_generate_on_tiny_llama(smollm2_dir, tmp
     assert generate_with_transformers(model, tokenizer, prompts, max_new_tokens=12) == single
 
 
+@pytest.mark.parametrize("num_beams", [1, 4])
+def test_model_generation_config_does_not_change_the_protocol(smollm2_dir, tmp_path, num_beams):
+    """Settings an instruct model ships in its generation_config (repetition penalty, n-gram ban) stay out of
+    greedy and beam decoding alike, as in the published protocol; the model's config is restored after."""
+    model, tokenizer = _tiny_setup(smollm2_dir, tmp_path)
+    prompts = [generate_eval_prompt("Which is heavier, a kilo of iron or a kilo of feathers?")]
+    plain = generate_with_transformers(model, tokenizer, prompts, max_new_tokens=12, num_beams=num_beams)
+    model.generation_config.repetition_penalty = 5.0
+    model.generation_config.no_repeat_ngram_size = 1
+    assert (
+        generate_with_transformers(model, tokenizer, prompts, max_new_tokens=12, num_beams=num_beams) == plain
+    )
+    assert model.generation_config.no_repeat_ngram_size == 1
+
+
 def test_greedy_decode_drops_rows_as_they_end():
     """Rows end at EOS (kept), at max_new_tokens or when is_done says so; the others carry on unchanged."""
     model = make_tiny_llama(vocab_size=64, pad_token_id=0, eos_token_id=2, bos_token_id=1)
