@@ -324,13 +324,16 @@ def check_trainable(tokenized: Sequence[Mapping[str, Sequence[int]]]) -> int:
     """Return how many examples keep at least one trainable label; raise DataError if none does.
 
     With `train_on_inputs=False` and a `cutoff_len` shorter than the prompts, truncation leaves only
-    masked labels and training would silently compute a NaN/zero loss; this catches it up front.
+    masked labels and training would silently compute a NaN/zero loss; this catches it up front. A sequence's
+    first label is never a target (each position predicts the next token), so it does not count: at
+    cutoff_len 1 nothing is trained whatever the masking.
     """
-    trainable = sum(any(label != IGNORE_INDEX for label in example["labels"]) for example in tokenized)
+    trainable = sum(any(label != IGNORE_INDEX for label in example["labels"][1:]) for example in tokenized)
     if trainable == 0:
         raise DataError(
             f"none of the {len(tokenized)} tokenized examples keeps a label token to train on "
-            "(the prompts fill cutoff_len); raise cutoff_len or set train_on_inputs=True"
+            "(the prompts fill cutoff_len, or it is too short to predict a token); raise cutoff_len or set "
+            "train_on_inputs=True"
         )
     return trainable
 

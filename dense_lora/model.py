@@ -23,6 +23,7 @@ from peft.tuners.tuners_utils import (
     _get_tuner_state_dict_key_prefixes,
 )
 from peft.utils import AuxiliaryTrainingWrapper, PeftType, register_peft_method
+from peft.utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND
 from torch import nn
 
 from .config import SAME_INPUT_MODULES, TARGET_MODULES_BY_MODEL_TYPE, DenseLoraConfig
@@ -277,10 +278,34 @@ class DenseLoraModel(BaseTuner):
             for handle in handles:
                 handle.remove()
 
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        self._check_mergeable(adapter_names)
+        super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+
+    def _unload_and_optionally_merge(
+        self,
+        merge: bool = True,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: list[str] | None = None,
+    ) -> nn.Module:
+        if merge:
+            self._check_mergeable(adapter_names)
+        return super()._unload_and_optionally_merge(merge, progressbar, safe_merge, adapter_names)
+
     def _check_merge_allowed(self) -> None:
-        """Refuse before any layer is touched, so a failed merge never leaves a half-merged model."""
         super()._check_merge_allowed()
-        for name in self.active_adapters:
+        self._check_mergeable(None)
+
+    def _check_mergeable(self, adapter_names: list[str] | None) -> None:
+        """Refuse before any layer is touched, so a failed merge never leaves a half-merged model: the adapters
+        to merge (``adapter_names``, by default the active ones) must have no non-linear DenseLoRA layer. peft
+        checks only the active adapters and then merges layer by layer, so an adapter named in
+        ``merge_adapter(adapter_names=...)`` would get its plain-LoRA layers merged before its first DenseLoRA
+        layer refused."""
+        for name in self.active_adapters if adapter_names is None else adapter_names:
+            if name not in self.peft_config:
+                continue  # peft's own error for an unknown name
             activation = self.peft_config[name].activation
             if (
                 activation != "identity"
@@ -340,17 +365,28 @@ def _check_targets_exist(config: DenseLoraConfig, model: nn.Module) -> None:
         {key.rsplit(".", 1)[-1] for key, module in modules if isinstance(module, linear_types)}
     )
     targets = config.target_modules
+    if targets == INCLUDE_LINEAR_LAYERS_SHORTHAND:  # peft expands it into this model's Linear layers later
+        return
     if isinstance(targets, str):
         if not any(re.fullmatch(targets, key) for key in keys):
             raise ValueError(
                 f"target_modules regex {targets!r} matches no module; Linear modules: {linear_names}"
             )
+        targeted = [key for key in keys if re.fullmatch(targets, key)]
         requested = list(config.lora_modules or [])
     else:
+        targeted = [key for key in keys if _name_matches(key, targets or [])]
         requested = [*(targets or []), *(config.lora_modules or [])]
     unknown = sorted({name for name in requested if not any(_name_matches(key, [name]) for key in keys)})
     if unknown:
         raise ValueError(f"unknown target modules {unknown}; Linear modules in this model: {linear_names}")
+    # lora_modules picks which targeted modules train plain LoRA; one that matches none of them would be ignored
+    untargeted = sorted(
+        name for name in config.lora_modules or [] if not any(_name_matches(key, [name]) for key in targeted)
+    )
+    if untargeted:
+        shown = targets if isinstance(targets, str) else sorted(targets)
+        raise ValueError(f"lora_modules {untargeted} match no module in target_modules {shown}")
 
 
 def _add_peft_type(name: str) -> None:

@@ -29,7 +29,7 @@ from . import evaluate, train
 from .data import load_records
 from .heldout import answer_loss
 from .models import load_base_model, load_tokenizer, smollm2_path
-from .runtime import write_text_atomic
+from .runtime import DenseLoRAError, folder_problem, write_text_atomic
 from .study.data import baselines
 
 DATASETS = ("ARC-Easy", "ARC-Challenge")
@@ -115,6 +115,9 @@ def main(
     data_file = root / "train_subset.json"
     # Every flag is checked before anything is read, converted or written: the training ones by TrainConfig,
     # the counts here (evaluate.run would see the evaluation ones only after SmolLM2 is converted).
+    problem = folder_problem(root)
+    if problem:
+        raise DenseLoRAError(f"--output_dir {root}: {problem}")
     config = training_config(root, data_file, lora_r, learning_rate, num_epochs)
     counts = {
         "train_per_dataset": train_per_dataset,
@@ -211,7 +214,7 @@ def cli(argv: list[str] | None = None) -> None:
     values = parse_or_exit(argv, flags, "python -m dense_lora.quickstart", __doc__ or "")
     try:
         main(**values)
-    except (train.TrainError, evaluate.EvaluationError, FileNotFoundError) as error:
+    except (DenseLoRAError, FileNotFoundError) as error:  # TrainError, EvaluationError and the others
         fail(error)
 
 

@@ -39,6 +39,17 @@ class DenseLoRAError(Exception):
 # --------------------------------------------------------------------------------------------------
 
 
+def folder_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be an output folder (it, or the nearest existing path above it, is a file), or None.
+
+    The CLIs ask before loading anything: creating the folder would otherwise fail with a traceback once the
+    model had loaded."""
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            return None if candidate.is_dir() else f"{candidate} exists and is not a folder"
+    return None
+
+
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     """Write through a temporary file, fsync and os.replace: a reader, or a crash, never sees half a file."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")

@@ -62,31 +62,39 @@ def finetune(*flags: str, launcher: tuple[str, ...] = ()) -> list[str]:
     return [sys.executable, *launcher, str(REPO / "finetune.py"), *flags]
 
 
-# Runs a script (argv[1]) with transformers' Trainer sending its own process `signum` once, as the first
-# micro-batch of optimizer step `step` + 1 begins: steps 1..`step` are logged and their checkpoints complete, and
-# nothing of the next step is. A signal at a chosen point, where one sent from outside could land anywhere.
+# Runs a script (argv[1]) that sends its own process `signum` once, at a chosen point: with SIGNAL_AT "load", as
+# the base model starts loading; with a step number n, as transformers' Trainer begins the first micro-batch of
+# optimizer step n + 1 (steps 1..n logged, their checkpoints complete, nothing of the next step done). A signal at
+# a chosen point, where one sent from outside could land anywhere.
 SIGNAL_ITSELF = """
 import os, runpy, signal, sys
 import transformers
-step, signum = int(os.environ["SIGNAL_AT_STEP"]), signal.Signals[os.environ["SIGNAL_NAME"]]
-training_step = transformers.Trainer.training_step
-def signalling_step(self, *args, **kwargs):
-    if self.state.global_step == step and not getattr(self, "_signal_sent", False):
-        self._signal_sent = True
+at, signum = os.environ["SIGNAL_AT"], signal.Signals[os.environ["SIGNAL_NAME"]]
+if at == "load":
+    load = transformers.PreTrainedModel.from_pretrained.__func__
+    def loading(cls, *args, **kwargs):
         os.kill(os.getpid(), signum)
-    return training_step(self, *args, **kwargs)
-transformers.Trainer.training_step = signalling_step
+        return load(cls, *args, **kwargs)
+    transformers.PreTrainedModel.from_pretrained = classmethod(loading)
+else:
+    training_step = transformers.Trainer.training_step
+    def signalling_step(self, *args, **kwargs):
+        if self.state.global_step == int(at) and not getattr(self, "_signal_sent", False):
+            self._signal_sent = True
+            os.kill(os.getpid(), signum)
+        return training_step(self, *args, **kwargs)
+    transformers.Trainer.training_step = signalling_step
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
 def finetune_signalling_itself(
-    step: int, signum: signal.Signals, *flags: str
+    at: int | str, signum: signal.Signals, *flags: str
 ) -> tuple[list[str], dict[str, str]]:
-    """The command and environment of a finetune.py run that sends itself `signum` as step `step` + 1 begins."""
+    """The command and environment of a finetune.py run that sends itself `signum` at `at` (SIGNAL_ITSELF)."""
     command = [sys.executable, "-c", SIGNAL_ITSELF, str(REPO / "finetune.py"), *flags]
-    return command, {**ENV, "SIGNAL_AT_STEP": str(step), "SIGNAL_NAME": signum.name}
+    return command, {**ENV, "SIGNAL_AT": str(at), "SIGNAL_NAME": signum.name}
 
 
 def torchrun(processes: int, port: int) -> tuple[str, ...]:

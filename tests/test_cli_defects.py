@@ -68,6 +68,7 @@ def cases(tiny_base, train_file, smollm2_dir, tmp_path_factory) -> dict[str, Any
     (old / "adapter_model.safetensors").write_bytes(b"old adapter")
     (old / "eval").mkdir()
     (old / "eval" / "boolq.json").write_text('{"accuracy": 0.9}')
+    (tmp / "a_file").write_text("not a folder")
 
     def ev(out: Path, adapter: Path) -> list[str]:
         return ["--dataset=boolq", f"--base_model={eval_base}", f"--lora_weights={adapter}", f"--output_dir={out}",
@@ -88,6 +89,8 @@ def cases(tiny_base, train_file, smollm2_dir, tmp_path_factory) -> dict[str, Any
             "first run": case("finetune", flags(base, data, killed), "first"),
             "left padding with packing": case("finetune", flags(base, data, tmp / "padleft", padding_side="left",
                                                                  packing=True), "padleft"),
+            "eval output under a file": case("commonsense_evaluate", ev(tmp / "a_file" / "eval",
+                                                                       tmp / "lora_other_base"), "evfile"),
         },
     ]  # fmt: skip
     # Phase 2 works on what "first run" left: its checkpoints stand in for a run killed after checkpoint-2.
@@ -118,6 +121,8 @@ def cases(tiny_base, train_file, smollm2_dir, tmp_path_factory) -> dict[str, Any
     ):  # as if killed after step 2
         (killed / name).unlink()
     shutil.rmtree(killed / "checkpoint-4")
+    with (killed / "metrics.jsonl").open("a") as metrics:  # killed while writing a line
+        metrics.write('{"step": 5, "lo')
     (bad_state / "checkpoint-4" / TRAINER_STATE_FILE).write_text('{"global_step": 4, "log_hist')
     shutil.copytree(other_rank / "checkpoint-4", tmp / "broken_optimizer")
     (tmp / "broken_optimizer" / "optimizer.pt").write_bytes(b"not a torch file")
@@ -211,6 +216,14 @@ def test_inconsistent_flags_are_refused_before_a_model_loads(cases):
     assert status == 2 and models_loaded == 0
     assert line.startswith("error: --padding_side left asks for LLM-Adapters' left-padded batches")
     assert not (cases["tmp"] / "padleft").exists()
+
+
+def test_evaluation_output_under_a_file_is_refused_before_a_model_loads(cases):
+    status, models_loaded = cases["results"]["eval output under a file"]
+    line = one_error_line(cases["stderr"]["eval output under a file"])
+    assert status == 2 and models_loaded == 0
+    assert line.endswith("a_file exists and is not a folder")
+    assert (cases["tmp"] / "a_file").read_text() == "not a folder"
 
 
 def test_11_6_fp16_on_cpu_and_oversized_adapters(cases):

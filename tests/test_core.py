@@ -239,6 +239,32 @@ def test_identity_variant_merges_exactly_and_nonlinear_refuses(tiny_inputs):
         gelu.base_model.model.model.layers[0].self_attn.q_proj.merge()
 
 
+@pytest.mark.parametrize("merge", ["merge_and_unload", "merge_adapter"])
+def test_merging_a_named_nonlinear_adapter_refuses_before_any_layer_changes(tiny_inputs, merge):
+    """The adapter named in the call is checked, not only the active one: 'g' has plain-LoRA q_proj layers, which
+    peft would merge before its first GELU layer refused."""
+    model = adapted(activation="identity", init_weights=False)
+    model.add_adapter("g", dense_config(lora_modules=["q_proj"], init_weights=False))
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"cannot merge DenseLoRA adapter 'g'"):
+        getattr(model, merge)(adapter_names=["g"])
+    assert all(torch.equal(value, before[key]) for key, value in model.state_dict().items())
+    assert not any(layer.merged_adapters for layer in dense_layers(model).values())
+    model.merge_adapter(adapter_names=["default"])  # the identity adapter still merges
+    assert all(layer.merged_adapters == ["default"] for layer in dense_layers(model).values())
+
+
+def test_all_linear_shorthand_adapts_every_linear_but_the_head():
+    names = {key.rsplit(".", 1)[-1] for key in dense_layers(adapted(target_modules="all-linear"))}
+    assert names == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def test_lora_modules_outside_the_targets_are_refused():
+    """--lora_modules picks which targeted types train plain LoRA; an untargeted one would be silently ignored."""
+    with pytest.raises(ValueError, match=r"lora_modules \['up_proj'\] match no module in target_modules"):
+        adapted(target_modules=["q_proj", "v_proj"], lora_modules=["up_proj"])
+
+
 def test_bf16_base_keeps_float32_adapter_and_bf16_output(tiny_inputs):
     model = get_peft_model(make_tiny_llama(dtype=torch.bfloat16), dense_config(init_weights=False))
     assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if "denselora_" in n)

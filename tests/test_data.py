@@ -346,6 +346,10 @@ def test_check_trainable_raises_when_cutoff_too_small(smollm2_tokenizer) -> None
     assert check_trainable(roomy) == 2
     with pytest.raises(DataError):
         check_trainable([])
+    # one token leaves nothing to predict (the first label is never a target), masked or not
+    with pytest.raises(DataError, match=r"keeps a label token"):
+        tokenize_records(smollm2_tokenizer, records, cutoff_len=1, train_on_inputs=True)
+    assert check_trainable([{"labels": [IGNORE_INDEX, 7]}, {"labels": [7, IGNORE_INDEX]}]) == 1
 
 
 def test_real_records_tokenize(smollm2_tokenizer, real_data) -> None:

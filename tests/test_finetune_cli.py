@@ -38,6 +38,18 @@ BAD_INPUTS: dict[str, tuple[dict[str, Any], str]] = {
     "unknown target module": ({"target_modules": "q_proj,qq_proj"}, "unknown target modules"),
     "r larger than a module": ({"lora_r": 48}, "larger than"),
     "resume from nothing": ({"resume_from_checkpoint": "{tmp}/nowhere"}, "not a complete checkpoint"),
+    # --overwrite would delete the checkpoints --resume_from_checkpoint True continues (the folder is kept as is)
+    "overwrite and resume": (
+        {"output_dir": "{tmp}/other_run", "overwrite": True, "resume_from_checkpoint": True},
+        "--overwrite deletes the checkpoints",
+    ),
+    "unknown activation": ({"activation": "gleu"}, "unknown --activation 'gleu'"),
+    "lora_modules not targeted": (
+        {"target_modules": "q_proj,v_proj", "lora_modules": "up_proj"},
+        "--lora_modules up_proj not in --target_modules",
+    ),
+    "output_dir under a file": ({"output_dir": "{tmp}/a_file/run"}, "a_file exists and is not a folder"),
+    "nothing to predict": ({"cutoff_len": 1}, "keeps a label token"),
 }
 
 
@@ -48,6 +60,7 @@ def bad_runs(tiny_base, train_file, tmp_path_factory) -> dict[str, tuple[int, st
     (tmp / "malformed.json").write_text('[{"instruction": "a", "output": "b"},')
     (tmp / "no_output.json").write_text(json.dumps([{"instruction": "a", "input": ""}]))
     (tmp / "empty.json").write_text("[]")
+    (tmp / "a_file").write_text("not a folder")
     other = tmp / "other_run"
     other.mkdir()
     (other / "adapter_config.json").write_text('{"r": 4}')
@@ -103,6 +116,17 @@ def test_torchrun_two_processes_matches_one_process(tiny_base, train_file, tmp_p
 
 
 # --- interruption and resume ------------------------------------------------------------------------------
+
+
+def test_sigterm_while_the_model_loads_stops_with_the_documented_status(tiny_base, train_file, tmp_path):
+    """Pre-emption can come before the first step (an 8B model takes minutes to load): the run stops with 75, as
+    a requeue loop expects, rather than dying of the signal, and writes nothing."""
+    out = tmp_path / "early"
+    command, env = finetune_signalling_itself("load", signal.SIGTERM, *cli_flags(tiny_base, train_file, out))
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == INTERRUPTED_EXIT_CODE, done.stderr[-3000:]
+    assert "note: SIGTERM before training began; nothing was written" in done.stderr
+    assert not out.exists()
 
 
 def logged_steps(output_dir: Path) -> list[int]:

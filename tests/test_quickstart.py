@@ -73,15 +73,26 @@ def test_bad_flags_are_refused_before_anything_is_read_or_written(
     flag, value, message, tmp_path, capsys, monkeypatch
 ):
     """Each flag is checked first: no data read, no SmolLM2 conversion, no output folder."""
+    out = tmp_path / "out"
+    assert_refused_first(["--output_dir", str(out), flag, value], message, out, capsys, monkeypatch)
+
+
+def test_output_dir_under_a_file_is_refused_first(tmp_path, capsys, monkeypatch):
+    (tmp_path / "file").write_text("not a folder")
+    out = tmp_path / "file" / "out"
+    assert_refused_first(["--output_dir", str(out)], "is not a folder", out, capsys, monkeypatch)
+
+
+def assert_refused_first(argv, message, out, capsys, monkeypatch):
+    """One error line, exit 2, before any data is read or SmolLM2 converted, and no output folder."""
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("read or converted before the flags were checked")
 
     monkeypatch.setattr(quickstart, "load_records", must_not_run)
     monkeypatch.setattr(quickstart, "smollm2_path", must_not_run)
-    out = tmp_path / "out"
     with pytest.raises(SystemExit) as stop:
-        quickstart.cli(["--output_dir", str(out), flag, value])
+        quickstart.cli(argv)
     assert stop.value.code == 2
     captured = capsys.readouterr()
     # nothing started: the first line of a run is its "[quickstart] base model" note

@@ -19,7 +19,7 @@ from dense_lora.answers import EXTRACTIONS
 from dense_lora.benchmarks import ACCEPTED, BENCHMARKS
 from dense_lora.benchmarks import Family as Kind
 from dense_lora.data import DataError, benchmark_test_file, canonical_dataset_name, load_test_records
-from dense_lora.runtime import DenseLoRAError, file_sha256
+from dense_lora.runtime import DenseLoRAError, file_sha256, folder_problem
 
 # The paper's setting, 128 new tokens for both families. The authors' scripts differ: DoRA/DenseLoRA
 # commonsense_evaluate.py generates 32, the math evaluate.py (DenseLoRA copy and LLM-Adapters at the time of the
@@ -138,7 +138,11 @@ def output_folder(output_dir: str | None, lora_weights: str | None, adapter: dic
         if adapter is None:
             raise EvaluationError("--output_dir is required when no --lora_weights is given")
         output_dir = str(Path(str(lora_weights)) / "eval")
-    return Path(output_dir).expanduser()
+    folder = Path(output_dir).expanduser()
+    problem = folder_problem(folder)
+    if problem:
+        raise EvaluationError(f"--output_dir {folder}: {problem}")
+    return folder
 
 
 # --------------------------------------------------------------------------------------------------

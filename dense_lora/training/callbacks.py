@@ -6,9 +6,11 @@ a run adds to each step is hooked in here rather than written into a loop of its
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +36,7 @@ class MetricsLog(TrainerCallback):
         if state.is_world_process_zero and self.path.exists():
             kept = [
                 line
-                for line in self.path.read_text().splitlines()
+                for line in _complete_lines(self.path)
                 if json.loads(line).get("step", 0) <= state.global_step
             ]
             write_text_atomic(self.path, "".join(line + "\n" for line in kept))
@@ -55,37 +57,75 @@ class MetricsLog(TrainerCallback):
             handle.write(json.dumps(record) + "\n")
 
 
+def _complete_lines(path: Path) -> list[str]:
+    """The JSON lines of a metrics file; a line a killed run left half-written (or garbled) is dropped."""
+    lines = []
+    for line in path.read_text().splitlines():
+        try:
+            json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        lines.append(line)
+    return lines
+
+
 class StopOnSigterm(TrainerCallback):
     """On SIGTERM (a scheduler's pre-emption notice), finish the current optimizer step, save a checkpoint, stop.
 
     The handler only sets a flag; the Trainer saves and stops at the next step end, so the checkpoint is
     a consistent one that --resume_from_checkpoint continues exactly. Under DDP the flag is OR-reduced
     across processes every step, so all ranks stop at the same step even if only one got the signal.
+    A run listens from its start (``listening``), so a SIGTERM while data or the model load is seen too and
+    the run stops between phases rather than dying; used as a plain callback, it listens during training.
     """
 
     def __init__(self) -> None:
         self.requested = False
         self.stopped = False
         self._previous: Any = None
+        self._installed = False
+        self._installed_for_training = False
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.requested = True
 
-    def on_train_begin(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+    def _install(self) -> bool:
+        if self._installed:
+            return False
         self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self._installed = True
+        return True
+
+    def _restore(self) -> None:
+        if self._installed:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._installed = False
+
+    @contextlib.contextmanager
+    def listening(self) -> Iterator[StopOnSigterm]:
+        """Handle SIGTERM (set the flag) inside the block, and restore the previous handler after it."""
+        installed = self._install()
+        try:
+            yield self
+        finally:
+            if installed:
+                self._restore()
+
+    def on_train_begin(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        self._installed_for_training = self._install()
 
     def on_train_end(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        if self._installed_for_training:
+            self._restore()
 
     def on_step_end(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
-        if _any_process(self.requested, args.device):
+        if any_process(self.requested, args.device):
             self.stopped = True
             control.should_save = True
             control.should_training_stop = True
 
 
-def _any_process(flag: bool, device: torch.device) -> bool:
+def any_process(flag: bool, device: torch.device) -> bool:
     """True on every rank when any rank's flag is set (the flag itself without a process group)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return flag

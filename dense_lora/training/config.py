@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dense_lora import DEFAULT_TARGET_MODULES
+from dense_lora.config import ACTIVATIONS
 from dense_lora.runtime import DenseLoRAError
 
 METHODS = ("denselora", "lora", "dora", "vera")
@@ -207,6 +208,16 @@ def _check_choices(config: TrainConfig) -> None:
     _require(
         not (config.load_8bit and config.load_4bit), "--load_8bit and --load_4bit are mutually exclusive"
     )
+    resume = config.resume_from_checkpoint
+    _require(
+        not (config.overwrite and resume not in (None, "", False) and str(resume).lower() != "false"),
+        "--overwrite deletes the checkpoints in --output_dir that --resume_from_checkpoint would continue: "
+        "pass one of them",
+    )
+    _require(
+        config.activation in ACTIVATIONS,
+        f"unknown --activation {config.activation!r}; choose one of {', '.join(ACTIVATIONS)}",
+    )
     _require(bool(config.base_model), "--base_model is required (a local HF folder, a hub id, or 'smollm2')")
     _require(bool(config.output_dir), "--output_dir is required")
     if config.method != "denselora":
@@ -214,6 +225,12 @@ def _check_choices(config: TrainConfig) -> None:
             config.activation == "gelu" and config.train_shared and not config.lora_modules,
             "--activation, --train_shared and --lora_modules only apply to --method denselora",
         )
+    untargeted = sorted(set(config.lora_modules or ()) - set(config.target_modules))
+    _require(
+        not untargeted,
+        f"--lora_modules {','.join(untargeted)} not in --target_modules ({','.join(config.target_modules)}): "
+        "--lora_modules picks which of the targeted module types train plain LoRA",
+    )
 
 
 def _check_checkpoint_cadence(config: TrainConfig) -> None:

@@ -41,7 +41,7 @@ from dense_lora.models import emulated_bf16_warning, load_base_model, load_token
 from dense_lora.packing import choose_collator
 from dense_lora.runtime import is_main_process, versions, world_size, write_json_atomic
 
-from .callbacks import MetricsLog, StopOnSigterm
+from .callbacks import MetricsLog, StopOnSigterm, any_process
 from .config import TrainConfig, TrainError, gradient_accumulation_steps
 from .run_dir import (
     ADAPTER_INIT_DIR,
@@ -303,21 +303,35 @@ def run(config: TrainConfig) -> dict[str, Any]:
     target, data, tokenization) is checked first; the output folder is only written once the model and
     adapter exist, so a failing run leaves nothing behind.
     """
-    state = _setup(config)
-    tokenizer = _data(state)
-    args = training_arguments(config, state.accumulation, has_validation=state.val_set is not None)
-    model, collator = _model(state, tokenizer, args)
     stopper = StopOnSigterm()
-    trainer = RecipeTrainer(
-        model=model,
-        args=args,
-        train_dataset=state.train_set,
-        eval_dataset=state.val_set,
-        data_collator=collator,
-        callbacks=[MetricsLog(state.output_dir / METRICS_FILE), stopper],
-    )
-    result, wall = _train(state, trainer, model)
-    return _summary(state, trainer, result, wall, interrupted=stopper.stopped)
+    with stopper.listening():  # a SIGTERM while data or the model load stops the run between phases
+        state = _setup(config)
+        tokenizer = _data(state)
+        args = training_arguments(config, state.accumulation, has_validation=state.val_set is not None)
+        model, collator = _model(state, tokenizer, args)
+        if any_process(stopper.requested, args.device):  # every rank stops, even if one got the signal
+            return _stopped_before_training(state)
+        trainer = RecipeTrainer(
+            model=model,
+            args=args,
+            train_dataset=state.train_set,
+            eval_dataset=state.val_set,
+            data_collator=collator,
+            callbacks=[MetricsLog(state.output_dir / METRICS_FILE), stopper],
+        )
+        result, wall = _train(state, trainer, model)
+        return _summary(state, trainer, result, wall, interrupted=stopper.stopped)
+
+
+def _stopped_before_training(state: _Run) -> dict[str, Any]:
+    """A SIGTERM came before the first step: nothing of this run was written, so there is nothing to save; the
+    status says interrupted (exit 75), and rerunning the command starts (or resumes) the run."""
+    if is_main_process():
+        print(
+            "note: SIGTERM before training began; nothing was written: rerun the same command",
+            file=sys.stderr,
+        )
+    return {"status": "interrupted", "global_step": None, "resumed_from": state.resume}
 
 
 def _setup(config: TrainConfig) -> _Run:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from transformers.trainer import TRAINING_ARGS_NAME
 
-from dense_lora.runtime import file_sha256, is_main_process
+from dense_lora.runtime import file_sha256, folder_problem, is_main_process
 
 from .config import TrainConfig, TrainError, is_int
 
@@ -89,8 +89,9 @@ def check_output_dir(config: TrainConfig) -> None:
     run_config.json differs, or that holds an adapter or checkpoints without a run_config.json, is not.
     """
     output_dir = Path(config.output_dir).expanduser()
-    if output_dir.exists() and not output_dir.is_dir():
-        raise TrainError(f"--output_dir {output_dir} exists and is not a folder")
+    problem = folder_problem(output_dir)
+    if problem:
+        raise TrainError(f"--output_dir {output_dir}: {problem}")
     if config.overwrite:
         return
     artifacts = run_artifacts(output_dir)
