@@ -295,7 +295,8 @@ class DenseLoraLayer(BaseTunerLayer):
             if self.activation[adapter] != "identity":
                 raise nonlinear_merge_error(adapter, self.activation[adapter])
             encoder, decoder = self.shared.get(adapter, self.module_type)
-            delta = decoder @ self.denselora_M[adapter] @ encoder
+            middle = self.denselora_M[adapter]  # on this layer's device; the shared pair may sit on another GPU
+            delta = decoder.to(middle.device) @ middle @ encoder.to(middle.device)
         return delta * self.scaling[adapter]
 
 
