@@ -186,7 +186,10 @@ def test_sigkill_and_sigterm_then_resume_give_the_uninterrupted_adapter(tiny_bas
     expected = adapter(folders["reference"])
     for name, resumed in resumes.items():
         assert resumed.wait(timeout=300) == 0, resumed.stderr.read()[-3000:]
-        assert json.loads((folders[name] / "summary.json").read_text())["resumed_from"] is not None
+        summary = json.loads((folders[name] / "summary.json").read_text())
+        assert summary["resumed_from"] is not None
+        # its train_loss averages the steps this call trained, and says which
+        assert summary["train_loss_steps"] == [{"killed": 3, "stopped": 5}[name], 6]
         assert logged_steps(folders[name]) == [
             1,
             2,

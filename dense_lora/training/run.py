@@ -294,6 +294,7 @@ class _Run:
     counts: dict[str, float] = field(default_factory=dict)
     packed: bool = False
     tokens_before: int = 0  # input tokens counted by the run this one resumes
+    step_before: int = 0  # the step it resumes from
 
 
 def run(config: TrainConfig) -> dict[str, Any]:
@@ -413,6 +414,7 @@ def _train(state: _Run, trainer: Trainer, model: PeftModel) -> tuple[Any, float]
     new_folder = _open_run_folder(state, trainer, model)
     resume, output_dir = state.resume, state.output_dir
     state.tokens_before = tokens_seen_at(resume)  # before training: checkpoint rotation may delete it
+    state.step_before = 0 if resume is None else check_checkpoint(Path(resume))
     started = time.perf_counter()
     try:
         result = trainer.train(resume_from_checkpoint=resume)
@@ -454,7 +456,9 @@ def _summary(state: _Run, trainer: Trainer, result: Any, wall: float, interrupte
         "packed": state.packed,
         "train_records": len(state.train_set),
         "validation_records": len(state.val_set) if state.val_set is not None else 0,
+        # transformers averages the loss over the steps of this call only: after a resume, not the whole run's
         "train_loss": result.training_loss,
+        "train_loss_steps": [state.step_before + 1, progress.global_step],
         "best_eval_loss": best_eval_loss(progress.log_history),
         "best_checkpoint": progress.best_model_checkpoint,
         "adapter_sha256": None if interrupted else adapter_sha256(output_dir),
