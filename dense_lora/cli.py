@@ -422,6 +422,7 @@ EVAL_HELP: dict[str, str] = {
     "overwrite": "replace results of a different config instead of refusing",
     "seed": "torch seed (decoding is deterministic)",
     "early_stop": "stop a row once its answer can no longer change (false decodes to the end)",
+    "trust_remote_code": "allow model code from the hub (off: never run downloaded code)",
 }
 
 PARAMS_HELP: dict[str, str] = {

@@ -34,7 +34,10 @@ are set to -100, where ``n`` is the length of the prompt without the output toke
 (without the EOS). Special tokens are whatever the tokenizer adds by itself (BOS for LLaMA-2/3, nothing
 for SmolLM2), identically in both calls, so an automatically added BOS is counted in ``n`` and masked.
 Like LLM-Adapters, ``n`` is a token *count*, not a verified prefix: the 16 spaces that end the prompt
-can merge with the first output token, in which case one output token is masked too.
+can merge with the first output token, in which case one output token is masked too. One deliberate
+difference: for a tokenizer that appends EOS by itself, LLM-Adapters counts that EOS in ``n`` and so masks the
+first output token; here it is not counted. The paper's LLaMA-2/3 and SmolLM2 append none, so for them the
+labels are LLM-Adapters' exactly.
 """
 
 from __future__ import annotations

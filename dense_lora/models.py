@@ -166,7 +166,7 @@ def load_base_model(
 
 
 def load_tokenizer(
-    name_or_path: str | os.PathLike[str], *, padding_side: str = "right"
+    name_or_path: str | os.PathLike[str], *, padding_side: str = "right", trust_remote_code: bool = False
 ) -> PreTrainedTokenizerBase:
     """Load the tokenizer and make sure it can pad batches.
 
@@ -175,9 +175,12 @@ def load_tokenizer(
     EOS. Either is safe because padding is never learned from nor attended to: the training collator pads
     labels with -100 and the attention mask hides padded positions. (It follows that padding must be masked
     by position, never by comparing token ids with ``pad_token_id``, or real EOS tokens would be masked too.)
-    Right padding is the training default; batched generation wants ``padding_side="left"``.
+    Right padding is the training default; batched generation wants ``padding_side="left"``. Code shipped with
+    the tokenizer runs only with ``trust_remote_code`` (as for the model).
     """
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+    tokenizer = AutoTokenizer.from_pretrained(
+        resolve_model_path(name_or_path), trust_remote_code=trust_remote_code
+    )
     if tokenizer.pad_token is None:
         fallback = tokenizer.unk_token or tokenizer.eos_token
         if fallback is None:

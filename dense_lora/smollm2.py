@@ -29,6 +29,16 @@ def _cache_root() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "dense_lora").expanduser()
 
 
+def _follow_umask(folder: Path) -> None:
+    """Give a staging folder (mkdtemp: owner only) and its files the modes a plain mkdir / open would, so a cache
+    shared between users (DENSELORA_CACHE) is readable by them as the umask allows."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 def _cache_is_complete(folder: Path) -> bool:
     return all((folder / name).is_file() for name in _CACHE_FILES)
 
@@ -82,6 +92,7 @@ def smollm2_path(cache_dir: Path | None = None) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_CACHE_NAME}.", dir=root))
     try:
         _write_smollm2_hf_copy(gguf_dir, staging)
+        _follow_umask(staging)
         try:
             staging.rename(target)
         except OSError:

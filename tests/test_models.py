@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 from pathlib import Path
 
@@ -119,6 +120,9 @@ def test_cache_is_written_once_and_atomically(tmp_path: Path, monkeypatch: pytes
     assert smollm2_path() == first
     assert len(calls) == 1 and calls[0] != first  # written to a staging folder, then renamed
     assert [p.name for p in tmp_path.iterdir()] == [smollm2.SMOLLM2_CACHE_NAME]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert first.stat().st_mode & 0o777 == 0o777 & ~umask  # not the staging folder's owner-only mode
 
 
 def test_cache_crash_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -179,6 +183,24 @@ def test_load_tokenizer_adds_pad_token_only_when_missing(smollm2_dir: Path, tmp_
     eos_only = load_tokenizer(tmp_path / "eos-only")
     assert eos_only.pad_token == eos_only.eos_token == "<|im_end|>"
     assert eos_only(["a", "a b c"], padding=True)["attention_mask"][0] == [1, 0, 0]
+
+
+def test_tokenizer_code_runs_only_with_trust_remote_code(smollm2_dir: Path, tmp_path: Path) -> None:
+    """A tokenizer that ships its own class (auto_map) loads only when asked, as the model does."""
+    folder = tmp_path / "custom"
+    AutoTokenizer.from_pretrained(smollm2_dir).save_pretrained(folder)
+    (folder / "custom_tokenizer.py").write_text(
+        "from transformers import PreTrainedTokenizerFast\nclass CustomTokenizer(PreTrainedTokenizerFast):\n    pass\n"
+    )
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.update(
+        tokenizer_class="CustomTokenizer",
+        auto_map={"AutoTokenizer": [None, "custom_tokenizer.CustomTokenizer"]},
+    )
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        load_tokenizer(folder)
+    assert type(load_tokenizer(folder, trust_remote_code=True)).__name__ == "CustomTokenizer"
 
 
 # --- load_base_model on a tiny LLaMA ------------------------------------------------------------------------

@@ -33,6 +33,7 @@ def load_model(
     load_8bit: bool,
     load_4bit: bool,
     device: torch.device,
+    trust_remote_code: bool = False,
 ) -> tuple[Any, Any]:
     """Base model (optionally quantized) plus any peft adapter, in eval mode, and a left-padding tokenizer.
 
@@ -46,14 +47,19 @@ def load_model(
     quantized = load_8bit or load_4bit
     device_map = {"": device.index or 0} if device.type == "cuda" and quantized else None
     model = load_base_model(
-        base_model, dtype=dtype, load_8bit=load_8bit, load_4bit=load_4bit, device_map=device_map
+        base_model,
+        dtype=dtype,
+        load_8bit=load_8bit,
+        load_4bit=load_4bit,
+        device_map=device_map,
+        trust_remote_code=trust_remote_code,
     )
     if not quantized:
         model = model.to(device)
     if lora_weights is not None:
         model = _load_adapter(model, lora_weights, base_model)
     model.eval()
-    return model, load_tokenizer(base_model, padding_side="left")
+    return model, load_tokenizer(base_model, padding_side="left", trust_remote_code=trust_remote_code)
 
 
 def _load_adapter(model: Any, lora_weights: str, base_model: str) -> Any:

@@ -221,10 +221,12 @@ def _evaluate_all(
     out_dir: Path,
     overwrite: bool,
     adapter: dict[str, Any] | None,
+    trust_remote_code: bool,
 ) -> list[dict[str, Any]]:
     """Load the model once, then evaluate each planned benchmark (choosing its batch size if still open).
 
-    The model flags are the same in every benchmark's settings, so the first one's say how to load it.
+    The model flags are the same in every benchmark's settings, so the first one's say how to load it
+    (``trust_remote_code`` is not a setting: it allows code to run, it does not change what is computed).
     """
     meta = {"adapter": adapter, "adapter_sha256": adapter and adapter["sha256"], "versions": versions()}
     first = planned[0][0]
@@ -238,6 +240,7 @@ def _evaluate_all(
             load_8bit=first.load_8bit,
             load_4bit=first.load_4bit,
             device=procs.device,
+            trust_remote_code=trust_remote_code,
         )
         out_dir.mkdir(
             parents=True, exist_ok=True
@@ -280,6 +283,7 @@ def run(
     overwrite: bool = False,
     seed: int = 42,
     early_stop: bool = True,
+    trust_remote_code: bool = False,
 ) -> list[dict[str, Any]]:
     """Evaluate `base_model` (+ `lora_weights`) on benchmarks of one family; returns one result per benchmark.
 
@@ -319,7 +323,7 @@ def run(
         seed=seed,
     )
     sources = _reuse_batch_sizes(planned, out_dir, overwrite)
-    return _evaluate_all(kind, planned, sources, out_dir, overwrite, adapter)
+    return _evaluate_all(kind, planned, sources, out_dir, overwrite, adapter, bool(trust_remote_code))
 
 
 def cli(kind: Kind) -> Callable[..., None]:

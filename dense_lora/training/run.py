@@ -1,7 +1,8 @@
 """One training run: the adapter config, the model, TrainingArguments and the run itself, phase by phase.
 
 The recipe is the one the DenseLoRA authors ran (an unmodified LLM-Adapters ``finetune.py``): the
-LLM-Adapters training prompt, labels masked over the prompt, a seeded 120-record validation split,
+LLM-Adapters training prompt (labels on the whole text unless ``--train_on_inputs False`` masks the prompt,
+LLM-Adapters' default), a seeded 120-record validation split,
 AdamW with 100 linear-warmup steps then a linear decay, evaluation and checkpoints every 80 steps and
 the checkpoint with the lowest validation loss as the result. The phases run in an order that checks
 everything it can without the model first (flags, batch arithmetic, folder, resume target, data,
@@ -360,7 +361,9 @@ def _data(state: _Run) -> PreTrainedTokenizerBase:
     config = state.config
     train_records, val_records = load_training_records(config)
     try:
-        tokenizer = load_tokenizer(config.base_model, padding_side=config.padding_side)
+        tokenizer = load_tokenizer(
+            config.base_model, padding_side=config.padding_side, trust_remote_code=config.trust_remote_code
+        )
     except (OSError, ValueError) as error:
         raise TrainError(f"cannot load the tokenizer of --base_model {config.base_model}: {error}") from None
     state.train_set = tokenize_split(train_records, tokenizer, config, "training")
