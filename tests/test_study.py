@@ -187,7 +187,9 @@ def test_aggregation_reports_seed_spread_beside_baselines(tmp_path):
     )
     shutil.rmtree(study.run_dir(runs[-1]) / "eval")  # one LoRA seed trained but not yet scored
     text = aggregate.write_results(study, runs, tmp_path / "results", {"machine": "test"})
-    assert "| LoRA r=2 (matched) | 414,720 | 0.415 | 3 | 1.3100 ± 0.0100 | 47.5 ± 3.5 (2 of 3 seeds) |" in text
+    assert (
+        "| LoRA r=2 (matched) | 414,720 | 0.415 | 3 | 1.3100 ± 0.0100 | 47.5 ± 3.5 (2 of 3 seeds) |" in text
+    )
     assert (
         "| DenseLoRA r=32 | 374,784 | 0.375 | 3 | 1.1100 ± 0.0100 | 50.0 ± 5.0 | 60.0 ± 0.0 | 40.0 ± 10.0 |"
         in text
@@ -202,6 +204,24 @@ def test_aggregation_reports_seed_spread_beside_baselines(tmp_path):
     assert (tmp_path / "results" / "commonsense_loss.png").stat().st_size > 1000
     rows = (tmp_path / "results" / "runs.csv").read_text().splitlines()
     assert len(rows) == 1 + 6 + 1
+
+
+def test_the_parameter_match_comes_from_the_measured_counts():
+    """LLaMA-3-8B's counts: LoRA r=2 trains 1.83x DenseLoRA r=32's parameters, r=1 0.92x; only r=1 is matched."""
+
+    def group(key: str, trainable: int) -> list[aggregate.RunResult]:
+        return [
+            aggregate.RunResult("commonsense", key, METHODS_BY_KEY[key].label, 1e-3, 42, trainable, 0.0, None)
+        ]
+
+    groups = {"denselora-r32": group("denselora-r32", 1_933_312), "lora-r2": group("lora-r2", 3_538_944)}
+    assert aggregate.matched_lora(groups) is None
+    groups["lora-r1"] = group("lora-r1", 1_769_472)
+    assert aggregate.matched_lora(groups) == "lora-r1"
+    far = {"denselora-r32": group("denselora-r32", 1_933_312), "lora-r32": group("lora-r32", 56_623_104)}
+    assert aggregate.matched_lora(far) is None  # the only LoRA run trains 29x: nothing is matched
+    smollm2 = {"denselora-r32": group("denselora-r32", 374_784), "lora-r2": group("lora-r2", 414_720)}
+    assert aggregate.matched_lora(smollm2) == "lora-r2"
 
 
 def test_density_statistics():

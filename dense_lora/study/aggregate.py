@@ -135,6 +135,37 @@ def by_method(results: Sequence[RunResult], family: str) -> dict[str, list[RunRe
     return grouped
 
 
+# A LoRA run is DenseLoRA r=32's parameter match when their trainable counts are within this factor.
+MATCH_FACTOR = 1.25
+MATCHED = " (matched)"
+
+
+def matched_lora(groups: dict[str, list[RunResult]]) -> str | None:
+    """The LoRA method whose trainable count is nearest DenseLoRA r=32's, if within MATCH_FACTOR; else None.
+
+    Decided from the counts the runs measured, so it holds on any base model (LoRA r=2 on SmolLM2, r=1 on
+    LLaMA-3-8B)."""
+    if "denselora-r32" not in groups or not groups["denselora-r32"][0].trainable:
+        return None
+    target = groups["denselora-r32"][0].trainable
+    distances = [
+        (abs(math.log(members[0].trainable / target)), key)
+        for key, members in groups.items()
+        if key in METHODS_BY_KEY and METHODS_BY_KEY[key].method == "lora" and members[0].trainable
+    ]
+    if not distances:
+        return None
+    distance, key = min(distances)
+    return key if distance <= math.log(MATCH_FACTOR) else None
+
+
+def _label(key: str, members: Sequence[RunResult], matched: str | None) -> str:
+    """A method's table label, marked when it is the parameter match (runs.csv written before the mark was
+    computed carries it in the label already)."""
+    label = members[0].label.removesuffix(MATCHED)
+    return label + MATCHED if key == matched else label
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Tables
 # ------------------------------------------------------------------------------------------------------------
@@ -171,14 +202,16 @@ def summary_table(
         *[SHORT_NAMES.get(name, name) for name in datasets],
     ]
     rows, csv_rows = [], []
-    for key, members in by_method(results, family).items():
+    groups = by_method(results, family)
+    matched = matched_lora(groups)
+    for key, members in groups.items():
         loss = spread(member.mean_loss(datasets) for member in members)
         accuracy = spread(member.mean_accuracy(datasets) for member in members)
         per_dataset = [spread(member.accuracy.get(name) for member in members) for name in datasets]
         first = members[0]
         rows.append(
             [
-                first.label,
+                _label(key, members, matched),
                 f"{first.trainable:,}" if first.trainable else "0",
                 f"{first.share_pct:.3f}",
                 str(len(members)),
@@ -191,7 +224,7 @@ def summary_table(
             [
                 family,
                 key,
-                first.label,
+                _label(key, members, matched),
                 first.trainable,
                 first.share_pct,
                 len(members),
@@ -289,9 +322,15 @@ def comparison_lines(results: Sequence[RunResult], manifest: dict[str, Any]) -> 
     """The headline contrasts in words, with the seed spread and Welch's t (|t| < 2: within the noise)."""
     datasets = slice_names(manifest, "commonsense")
     groups = by_method(results, "commonsense")
+    matched = matched_lora(groups)
     lines = []
-    for key, other in (("denselora-r32", "lora-r2"), ("denselora-r32", "lora-r32")):
-        if key not in groups or other not in groups:
+    if matched is None and "denselora-r32" in groups:
+        lines.append(
+            f"- No LoRA run has DenseLoRA r=32's trainable count within {MATCH_FACTOR}x: there is no "
+            "parameter-matched contrast (add the LoRA rank that matches on this model, e.g. lora-r1 or lora-r2)"
+        )
+    for key, other in (("denselora-r32", matched), ("denselora-r32", "lora-r32")):
+        if key not in groups or other not in groups or (other == "lora-r32" and matched == "lora-r32"):
             continue
         for metric, digits, scale, getter in (
             ("held-out loss", 4, 1.0, lambda r: r.mean_loss(datasets)),
@@ -307,7 +346,7 @@ def comparison_lines(results: Sequence[RunResult], manifest: dict[str, Any]) -> 
                 else f", Welch t = {t:+.2f} ({'beyond' if abs(t) >= 2 else 'within'} the seed noise)"
             )
             lines.append(
-                f"- {METHODS_BY_KEY[key].label} vs {METHODS_BY_KEY[other].label}: {metric} "
+                f"- {_label(key, groups[key], matched)} vs {_label(other, groups[other], matched)}: {metric} "
                 f"{a.text(digits, scale)} vs {b.text(digits, scale)} (difference {(a.mean - b.mean) * scale:+.{digits}f}{verdict}); "
                 f"trainable {groups[key][0].trainable:,} vs {groups[other][0].trainable:,}"
             )
