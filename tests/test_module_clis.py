@@ -17,6 +17,9 @@ REPO = Path(__file__).resolve().parents[1]
         ("dense_lora.report", ["runs/x", "--ou", "r"], "did you mean --out?"),  # no abbreviations
         ("dense_lora.analysis", ["runs/x", "--modul", "q_proj"], "did you mean --module?"),
         ("dense_lora.study", ["--profile", "nope"], "invalid choice: 'nope'"),
+        ("dense_lora.study", ["--devices", "gpu0"], "--devices must be 'cpu' or CUDA device numbers"),
+        # the smoke profile sweeps learning rates on the commonsense mix, which a math-only study would not build
+        ("dense_lora.study", ["--profile", "smoke", "--families", "math"], "add commonsense to --families"),
     ],
 )
 def test_bad_flags_are_one_line_and_exit_2(module, argv, message, tmp_path):

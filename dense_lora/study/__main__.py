@@ -5,15 +5,16 @@ from __future__ import annotations
 import datetime as dt
 import os
 import platform
+import re
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from ..cli import StrictArgumentParser
-from ..runtime import versions, write_json_atomic, write_text_atomic
+from ..runtime import DenseLoRAError, versions, write_json_atomic, write_text_atomic
 from .plan import METHODS, METHODS_BY_KEY, PROFILES
-from .runner import Study, StudyError, planned_runs, run_study
+from .runner import Study, StudyError, is_trained, planned_runs, run_study
 
 FAMILIES = ("commonsense", "math")
 
@@ -76,7 +77,11 @@ def parse(argv: list[str] | None) -> tuple[Study, Path, bool]:
         help="train and evaluate nothing: write results/ from the runs finished so far (a study stopped early)",
     )
     args = parser.parse_args(argv)
-    families = tuple(name.strip() for name in args.families.split(",") if name.strip())
+    if not re.fullmatch(r"cpu|\d+(,\d+)*", args.devices):
+        raise StudyError(
+            f"--devices must be 'cpu' or CUDA device numbers such as 0 or 0,1,2,3, got {args.devices!r}"
+        )
+    families = tuple(dict.fromkeys(name.strip() for name in args.families.split(",") if name.strip()))
     if not families or any(name not in FAMILIES for name in families):
         raise StudyError(f"--families must list {' and/or '.join(FAMILIES)}, got {args.families!r}")
     if args.methods == "all":
@@ -97,17 +102,22 @@ def parse(argv: list[str] | None) -> tuple[Study, Path, bool]:
             raise StudyError(
                 f"{method.key} trains at the rate swept on {sweeper}: add {sweeper} to --methods"
             )
+    if "commonsense" not in families and any(profile.sweep.get(m.lr_group) for m in methods if m.sweep):
+        raise StudyError(
+            f"profile {args.profile} sweeps learning rates on the commonsense mix: add commonsense to --families"
+        )
     stem = f"study-{Path(args.model).name.lower()}-{args.profile}"
     study = Study(
         model=args.model,
         devices=args.devices,
         profile=profile,
-        runs_dir=args.runs_dir or Path("runs") / stem,
+        # absolute: the training and evaluation commands run from the repository root, not from here
+        runs_dir=(args.runs_dir or Path("runs") / stem).resolve(),
         families=families,
         methods=methods,
         dry_run=args.dry_run,
     )
-    return study, args.results_dir or Path("results") / stem, args.report_only
+    return study, (args.results_dir or Path("results") / stem).resolve(), args.report_only
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,15 +134,18 @@ def main(argv: list[str] | None = None) -> int:
 
         env = environment(study, time.perf_counter() - started)
         write_results(study, runs, results_dir, env)
-        analysed = [
-            study.run_dir(run) for run in runs if run.family == "commonsense" and run.seed == runs[0].seed
+        analysed = [  # of a study stopped early (--report_only), the runs trained so far
+            study.run_dir(run)
+            for run in runs
+            if run.family == "commonsense" and run.seed == runs[0].seed and is_trained(study.run_dir(run))
         ]
-        analyse(analysed, results_dir / "analysis", module="q_proj", layer=None, seed=0)
+        if analysed:
+            analyse(analysed, results_dir / "analysis", module="q_proj", layer=None, seed=0)
         log = study.runs_dir / "commands.log"
         if log.is_file():
             write_text_atomic(results_dir / "commands.log", log.read_text())
         write_json_atomic(results_dir / "environment.json", env)
-    except StudyError as error:
+    except DenseLoRAError as error:  # StudyError, and the analysis's and the report's one-line errors
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"[study] results in {results_dir}/REPORT.md")
