@@ -224,6 +224,52 @@ def test_the_parameter_match_comes_from_the_measured_counts():
     assert aggregate.matched_lora(smollm2) == "lora-r2"
 
 
+def test_heldout_losses_are_measured_once_per_set(tmp_path, monkeypatch, real_data):
+    """The sweep asks a folder for its validation loss, the main phase for the test slices too: on a rerun of a
+    finished study neither recomputes anything, and a validation-only request keeps the test losses."""
+    import peft
+
+    import dense_lora.heldout
+    import dense_lora.models
+    from dense_lora.study import runner
+
+    real_data("dataset/boolq/test.json")
+    study = Study("smollm2", "cpu", PROFILES["smoke"], tmp_path, families=("commonsense",))
+    runner.prepare_data(study)
+    measured: list[tuple[str, int]] = []
+
+    class Loss:
+        def as_dict(self):
+            return {"loss": 1.0}
+
+    class Model:
+        def to(self, device):
+            return self
+
+        def eval(self):
+            return self
+
+    def answer_loss(model, tokenizer, records, cutoff_len):
+        measured.append(len(records))
+        return Loss()
+
+    monkeypatch.setattr(dense_lora.heldout, "answer_loss", answer_loss)
+    monkeypatch.setattr(dense_lora.models, "load_base_model", lambda *args, **kwargs: Model())
+    monkeypatch.setattr(dense_lora.models, "load_tokenizer", lambda *args, **kwargs: None)
+    monkeypatch.setattr(peft.PeftModel, "from_pretrained", staticmethod(lambda model, path: model))
+    folder = tmp_path / "commonsense" / "run"
+    folder.mkdir(parents=True)
+    runner.evaluate_heldout(study, [(folder, "commonsense", False)])  # the sweep: validation only
+    assert len(measured) == 1
+    runner.evaluate_heldout(study, [(folder, "commonsense", True)])  # the main phase: the test slices join
+    sets = json.loads((folder / "heldout.json").read_text())["losses"]
+    assert "validation" in sets and len(sets) > 1 and len(measured) == len(sets)
+    runner.evaluate_heldout(study, [(folder, "commonsense", False)])  # a rerun's sweep phase
+    runner.evaluate_heldout(study, [(folder, "commonsense", True)])
+    assert len(measured) == len(sets)  # nothing measured again
+    assert json.loads((folder / "heldout.json").read_text())["losses"] == sets
+
+
 def test_density_statistics():
     dense = torch.ones(8, 8)
     sparse = torch.zeros(8, 8)

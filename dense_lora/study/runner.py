@@ -205,11 +205,22 @@ def evaluate_heldout(study: Study, targets: Sequence[tuple[Path, str, bool]]) ->
         return
     pending = []
     for folder, family, test in targets:
+        # Each set is fingerprinted on its own: the sweep asks a folder for its validation loss only, the main
+        # phase for the test slices too, and neither must recompute (or drop) what the other measured.
         sets = heldout_sets(study, family, test)
-        key = _fingerprint({name: [r["instruction"] for r in records] for name, records in sets.items()})
-        previous = read_json(folder / "heldout.json")
-        if not previous or previous.get("sets_fingerprint") != key:
-            pending.append((folder, sets, key))
+        keys = {name: _fingerprint([r["instruction"] for r in records]) for name, records in sets.items()}
+        previous = read_json(folder / "heldout.json") or {}
+        done = previous.get("set_fingerprints", {})
+        todo = {name: records for name, records in sets.items() if done.get(name) != keys[name]}
+        if todo:
+            kept = {
+                name: loss
+                for name, loss in previous.get("losses", {}).items()
+                if name in done and name not in todo
+            }
+            pending.append(
+                (folder, todo, {name: done[name] for name in kept} | {n: keys[n] for n in todo}, kept)
+            )
     if not pending:
         return
     from ..heldout import answer_loss
@@ -217,7 +228,7 @@ def evaluate_heldout(study: Study, targets: Sequence[tuple[Path, str, bool]]) ->
 
     tokenizer = load_tokenizer(study.model, padding_side="left")
     device = "cpu" if study.devices == "cpu" else "cuda:0"
-    for folder, sets, key in pending:
+    for folder, sets, fingerprints, kept in pending:
         print(f"[study] held-out loss: {folder}", flush=True)
         model = load_base_model(study.model, dtype=study.eval_dtype).to(device)
         if folder.name != BASE:
@@ -229,7 +240,7 @@ def evaluate_heldout(study: Study, targets: Sequence[tuple[Path, str, bool]]) ->
             name: answer_loss(model, tokenizer, records, cutoff_len=512).as_dict()
             for name, records in sets.items()
         }
-        _write_json(folder / "heldout.json", {"sets_fingerprint": key, "losses": losses})
+        _write_json(folder / "heldout.json", {"set_fingerprints": fingerprints, "losses": kept | losses})
         del model
         gc.collect()
 
