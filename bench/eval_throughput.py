@@ -45,6 +45,8 @@ from dense_lora.generation import (  # noqa: E402
     generate_with_transformers,
     plan_batches,
 )
+from dense_lora.runtime import DenseLoRAError  # noqa: E402
+from dense_lora.train import require_positive_int  # noqa: E402
 
 
 def _timed(step: Callable[[], list[str]]) -> tuple[list[str], float]:
@@ -63,6 +65,12 @@ def main(
     dtype: str = "float32",
 ) -> None:
     """Run the three decodes and print a JSON summary (see the module docstring)."""
+    for flag, value in (
+        ("per_dataset", per_dataset),
+        ("batch_size", batch_size),
+        ("max_new_tokens", max_new_tokens),
+    ):
+        require_positive_int(flag, value)  # before the model loads
     names = [
         canonical_dataset_name(n) for n in (datasets.split(",") if isinstance(datasets, str) else datasets)
     ]
@@ -185,7 +193,7 @@ def cli(argv: Sequence[str] | None = None) -> int:
     values = parse_or_exit(argv, flags, "bench/eval_throughput.py", __doc__ or "")
     try:
         main(**values)
-    except (ValueError, FileNotFoundError) as error:
+    except (DenseLoRAError, ValueError, FileNotFoundError) as error:  # EvaluationError: a bad --lora_weights
         fail(error)
     return 0
 

@@ -10,7 +10,8 @@
 #   2. bench/packing.py on the GPU: packed vs padded useful tokens/s of finetune's own run (SmolLM2, real mix).
 #
 # Results: JSON under $OUT (default bench/out/gpu-<time>), never appended to bench/RESULTS.md automatically;
-# render the blocks with `python bench/train_step.py --render FILE` and `python bench/packing.py` once checked.
+# render the blocks with `python bench/train_step.py --render FILE` and `python bench/packing.py --render FILE`
+# once checked.
 #
 #   bash bench/gpu.sh                                # everything
 #   PACKING=0 REPEATS=5 bash bench/gpu.sh            # step benchmark only, fewer repeats

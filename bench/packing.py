@@ -38,7 +38,7 @@ from unittest import mock
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # this checkout's dense_lora, from any working directory
 
-from dense_lora.cli import StrictArgumentParser  # noqa: E402
+from dense_lora.cli import StrictArgumentParser, existing_file, non_negative_int, positive_int  # noqa: E402
 
 MIX = ("boolq", "ARC-Easy", "ARC-Challenge", "openbookqa")
 DEFAULT_RESULTS = REPO_ROOT / "bench" / "RESULTS.md"
@@ -147,22 +147,42 @@ def one_run(
     return step_times(output_dir), cpu_step_times(clock)
 
 
+def at_least_two(text: str) -> int:
+    """--steps: the first step of each run is dropped, so a run needs two for one measured step."""
+    value = positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be at least 2 (the first step is not measured), got {text}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = StrictArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--method", default="denselora", choices=("denselora", "lora", "dora"))
     parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))
-    parser.add_argument("--micro_batch", type=int, default=4)
-    parser.add_argument("--cutoff", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=6, help="optimizer steps per run (the first is dropped)")
-    parser.add_argument("--rounds", type=int, default=2, help="packed+padded pairs")
-    parser.add_argument("--records", type=int, default=400)
+    parser.add_argument("--micro_batch", type=positive_int, default=4)
+    parser.add_argument("--cutoff", type=positive_int, default=256)
+    parser.add_argument(
+        "--steps", type=at_least_two, default=6, help="optimizer steps per run (the first is dropped)"
+    )
+    parser.add_argument("--rounds", type=positive_int, default=2, help="packed+padded pairs")
+    parser.add_argument("--records", type=positive_int, default=400)
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument(
+        "--threads", type=non_negative_int, default=0, help="torch CPU threads (0: torch's default)"
+    )
     parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
     parser.add_argument("--no_results", action="store_true")
     parser.add_argument("--out", type=Path, default=None, help="also write the report as JSON here")
+    parser.add_argument(
+        "--render", type=existing_file, default=None, help="append the block of a saved --out report and exit"
+    )
     args = parser.parse_args(argv)
+    if args.render:
+        report = json.loads(args.render.read_text())
+        with args.results.open("a") as handle:
+            handle.write(render(report))
+        return report
 
     import torch
 
@@ -264,4 +284,10 @@ def render(report: dict[str, Any]) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    from dense_lora.cli import fail
+    from dense_lora.runtime import DenseLoRAError
+
+    try:
+        main()
+    except DenseLoRAError as error:  # a bad --model or data: finetune's one line, exit 2
+        fail(error)

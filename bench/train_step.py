@@ -50,7 +50,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # this checkout's dense_lora, from any working directory
 
 import dense_lora  # noqa: E402  (registers the DENSELORA peft type)
-from dense_lora.cli import StrictArgumentParser  # noqa: E402
+from dense_lora.cli import StrictArgumentParser, dropout_rate, existing_file, non_negative_int, positive_int  # noqa: E402
 from dense_lora.layer import one_call_per_layer, reference_implementation  # noqa: E402
 from dense_lora.models import emulated_bf16_warning  # noqa: E402
 
@@ -1045,17 +1045,17 @@ def append_results(path: Path, report: dict[str, Any]) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = StrictArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=MODELS, default="tiny")
-    parser.add_argument("--r", type=int, default=32)
+    parser.add_argument("--r", type=positive_int, default=32)
     parser.add_argument("--lora_alpha", type=float, default=None, help="default 2·r (the paper's setting)")
     parser.add_argument(
         "--methods", default=",".join(DEFAULT_METHODS), help=f"comma-separated subset of {METHODS}"
     )
     parser.add_argument("--dtype", choices=DTYPES, default=None, help="default bf16 (fp32 for --model tiny)")
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--batch", type=positive_int, default=2)
+    parser.add_argument("--seq", type=positive_int, default=128)
     parser.add_argument("--checkpointing", choices=("off", "on", "both"), default="off")
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=non_negative_int, default=10)
+    parser.add_argument("--warmup", type=non_negative_int, default=3)
     parser.add_argument(
         "--compile", action="store_true", help="time torch.compile'd models (warm-up compiles)"
     )
@@ -1067,7 +1067,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--dropout",
-        type=float,
+        type=dropout_rate,
         default=0.05,
         help="adapter dropout of every method (default: the recipe's 0.05)",
     )
@@ -1076,7 +1076,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--peak_tflops", type=float, default=989.0, help="device peak for MFU (H100 bf16 dense)"
     )
     parser.add_argument(
-        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+        "--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)"
     )
     parser.add_argument(
         "--out", type=Path, default=None, help="JSON output (default bench/out/<timestamp>.json)"
@@ -1085,7 +1085,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no_results", action="store_true", help="do not append to the markdown file")
     parser.add_argument("--no_memory", action="store_true", help="skip the per-method memory subprocesses")
     parser.add_argument(
-        "--render", type=Path, default=None, help="append the block of a saved JSON report and exit"
+        "--render", type=existing_file, default=None, help="append the block of a saved JSON report and exit"
     )
     parser.add_argument("--_probe_memory", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--_settings", default=None, help=argparse.SUPPRESS)
@@ -1093,6 +1093,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = sorted(set(method_list(args.methods)) - set(METHODS))
     if unknown:
         parser.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+    if args.device is not None:
+        try:
+            torch.device(args.device)
+        except RuntimeError:
+            parser.error(f"--device {args.device!r} is not a torch device (cpu, cuda, cuda:1, ...)")
     for flag in ("out", "results"):
         if getattr(args, flag) is not None and getattr(args, flag).is_dir():
             parser.error(f"--{flag} {getattr(args, flag)} is a directory; give a file path")

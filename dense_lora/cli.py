@@ -556,6 +556,38 @@ def run_main(entry: Callable[[Sequence[str] | None], int]) -> NoReturn:
     sys.exit(entry(None))
 
 
+def positive_int(text: str) -> int:
+    """argparse ``type=``: an integer above 0 (a size, a count of steps)."""
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse ``type=``: an integer of 0 or more (warm-up steps, repeats)."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
+    return value
+
+
+def dropout_rate(text: str) -> float:
+    """argparse ``type=``: a probability in [0, 1), as --lora_dropout takes."""
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def existing_file(text: str) -> Path:
+    """argparse ``type=``: a file that exists (an input to read)."""
+    path = Path(text)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"no such file: {text}")
+    return path
+
+
 class StrictArgumentParser(argparse.ArgumentParser):
     """argparse for the module CLIs (report, study, analysis, bench): no abbreviated flags (``--ou`` is not
     ``--out``), and an error is the one ``error:`` line with exit status 2 that every CLI of this project gives."""

@@ -304,6 +304,10 @@ def test_per_layer_variant_computes_q_k_v_in_three_calls(bench: ModuleType, tmp_
         (["--methods", "denselora,lorra"], "unknown methods ['lorra']"),
         (["--results", "."], "--results . is a directory"),
         (["--out", "."], "--out . is a directory"),
+        (["--batch", "0"], "--batch: must be a positive integer, got 0"),
+        (["--dropout", "1.5"], "--dropout: must be in [0, 1), got 1.5"),
+        (["--device", "bogus"], "--device 'bogus' is not a torch device"),
+        (["--render", "missing.json"], "--render: no such file"),
     ],
 )
 def test_bad_arguments_exit_2_before_any_work(
