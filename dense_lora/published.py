@@ -66,14 +66,20 @@ PUBLISHED_CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
+# The model aliases of finetune.py and the evaluators (dense_lora.models.MODEL_ALIASES) that name a published
+# architecture under another name, so every CLI that takes --model accepts the same words.
+PUBLISHED_ALIASES = {"smollm2": "smollm2-135m", "smollm2-135m-instruct": "smollm2-135m"}
+
+
 def published_config(name: str | os.PathLike[str]) -> PreTrainedConfig:
     """A fresh config for a published architecture name, or read from a local config.json / its folder.
 
     Local configs are read with ``trust_remote_code=False``: counting parameters must never execute code.
     """
     key = os.fspath(name)
-    if key.lower() in PUBLISHED_CONFIGS:
-        return LlamaConfig(**PUBLISHED_CONFIGS[key.lower()])
+    known = PUBLISHED_ALIASES.get(key.lower(), key.lower())
+    if known in PUBLISHED_CONFIGS:
+        return LlamaConfig(**PUBLISHED_CONFIGS[known])
     path = Path(key).expanduser()
     if path.is_file() or (path / "config.json").is_file():
         return AutoConfig.from_pretrained(path, trust_remote_code=False)

@@ -53,3 +53,9 @@ def test_freeze_counts_only_the_m_matrices():
     config = published_config("llama3-8b")
     count = count_trainable(config, "denselora", 128, QKVUD, train_shared=False)
     assert count.trainable == 32 * 5 * 128 * 128 == 2_621_440
+
+
+def test_the_model_aliases_of_the_other_clis_name_their_architecture():
+    """`--model smollm2` (finetune.py's alias) counts SmolLM2-135M, as its help says, rather than an error."""
+    assert published_config("smollm2").to_dict() == published_config("smollm2-135m").to_dict()
+    assert published_config("SmolLM2-135M-Instruct").num_hidden_layers == 30

@@ -15,7 +15,16 @@ from safetensors.torch import save_file
 from dense_lora.analysis import analyse, increments, near_zero_share, participation_ratio
 from dense_lora.study import aggregate
 from dense_lora.study.data import baselines, build_heldout, build_training
-from dense_lora.study.plan import METHODS_BY_KEY, PROFILES, Run, main_runs, select_learning_rates, sweep_runs
+from dense_lora.study.plan import (
+    METHODS,
+    METHODS_BY_KEY,
+    PROFILES,
+    Run,
+    main_runs,
+    select_learning_rates,
+    sweep_runs,
+    with_matched_headline,
+)
 from dense_lora.study.runner import Study
 
 
@@ -268,6 +277,22 @@ def test_heldout_losses_are_measured_once_per_set(tmp_path, monkeypatch, real_da
     runner.evaluate_heldout(study, [(folder, "commonsense", True)])
     assert len(measured) == len(sets)  # nothing measured again
     assert json.loads((folder / "heldout.json").read_text())["losses"] == sets
+
+
+def test_the_plan_gives_the_seeds_to_the_lora_rank_that_matches():
+    """LoRA r=2 is DenseLoRA r=32's parameter match on SmolLM2, r=1 on LLaMA-3-8B: the seeds and the math runs go
+    to the match (counted on the meta device); an architecture unknown offline keeps the plan as written."""
+    from dense_lora.study.__main__ import matched_lora_rank
+
+    assert matched_lora_rank("smollm2") == "lora-r2"
+    assert matched_lora_rank("llama3-8b") == "lora-r1"
+    assert matched_lora_rank("some-org/not-here") is None
+    assert with_matched_headline(METHODS, "lora-r2") == METHODS
+    plan = {method.key: method for method in with_matched_headline(METHODS, "lora-r1")}
+    assert plan["lora-r1"].headline and plan["lora-r1"].math
+    assert not plan["lora-r2"].headline and not plan["lora-r2"].math and plan["lora-r2"].sweep
+    alone = (METHODS_BY_KEY["denselora-r32"], METHODS_BY_KEY["lora-r2"])  # r=1 not in the plan: left as asked
+    assert with_matched_headline(alone, "lora-r1") == alone
 
 
 def test_density_statistics():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import math
 import os
 import platform
 import re
@@ -12,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from ..cli import StrictArgumentParser
+from ..config import DEFAULT_TARGET_MODULES
 from ..runtime import DenseLoRAError, versions, write_json_atomic, write_text_atomic
-from .plan import METHODS, METHODS_BY_KEY, PROFILES
+from .plan import MATCH_CANDIDATES, METHODS, METHODS_BY_KEY, PROFILES, with_matched_headline
 from .runner import Study, StudyError, is_trained, planned_runs, run_study
 
 FAMILIES = ("commonsense", "math")
@@ -49,6 +51,27 @@ def _cpuinfo() -> list[str]:
         return Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
         return []
+
+
+def matched_lora_rank(model: str) -> str | None:
+    """The LoRA candidate (plan.MATCH_CANDIDATES) whose trainable count on ``model`` is nearest DenseLoRA r=32's,
+    counted on the meta device; None when the architecture cannot be read offline (a hub id)."""
+    from ..params import count_trainable
+    from ..published import published_config
+
+    try:
+        config = published_config(model)
+    except (ValueError, OSError):
+        return None
+    targets = list(DEFAULT_TARGET_MODULES)
+    dense = count_trainable(config, "denselora", 32, targets).trainable
+
+    def distance(key: str) -> float:
+        return abs(
+            math.log(count_trainable(config, "lora", METHODS_BY_KEY[key].r, targets).trainable / dense)
+        )
+
+    return min(MATCH_CANDIDATES, key=distance)
 
 
 def parse(argv: list[str] | None) -> tuple[Study, Path, bool]:
@@ -106,6 +129,7 @@ def parse(argv: list[str] | None) -> tuple[Study, Path, bool]:
         raise StudyError(
             f"profile {args.profile} sweeps learning rates on the commonsense mix: add commonsense to --families"
         )
+    methods = with_matched_headline(methods, matched_lora_rank(args.model))
     stem = f"study-{Path(args.model).name.lower()}-{args.profile}"
     study = Study(
         model=args.model,

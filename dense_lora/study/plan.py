@@ -56,6 +56,24 @@ METHODS: tuple[Method, ...] = (
     Method("onlymatrix-r32", "Only Matrix r=32", "denselora", 32, "denselora", ("--activation", "identity")),
 )
 METHODS_BY_KEY = {method.key: method for method in METHODS}
+# The LoRA ranks that can match DenseLoRA r=32's trainable count (r=2 on SmolLM2, r=1 on LLaMA-3-8B).
+MATCH_CANDIDATES = ("lora-r1", "lora-r2")
+
+
+def with_matched_headline(methods: Sequence[Method], matched: str | None) -> tuple[Method, ...]:
+    """The plan's methods with the seeds and the math runs of the matched LoRA given to ``matched``.
+
+    The plan gives them to LoRA r=2, the match on SmolLM2; on a model where another candidate rank matches
+    (``matched``: from the trainable counts), that one gets them, when both are in the plan."""
+    keys = {method.key for method in methods}
+    if matched is None or matched == "lora-r2" or not set(MATCH_CANDIDATES) <= keys:
+        return tuple(methods)
+    return tuple(
+        dataclasses.replace(method, headline=method.key == matched, math=method.key == matched)
+        if method.key in MATCH_CANDIDATES
+        else method
+        for method in methods
+    )
 
 
 @dataclass(frozen=True)
