@@ -49,7 +49,13 @@ from dense_lora.paper import (
     published_row,
     variant,
 )
-from dense_lora.runtime import DenseLoRAError, file_sha256, write_bytes_atomic, write_figure_atomic
+from dense_lora.runtime import (
+    DenseLoRAError,
+    file_sha256,
+    read_jsonl_undamaged,
+    write_bytes_atomic,
+    write_figure_atomic,
+)
 
 # finetune.py --method (dense_lora.training.config.METHODS) as the paper spells it
 METHOD_NAMES = {"denselora": "DenseLoRA", "lora": "LoRA", "dora": "DoRA", "vera": "VeRA"}
@@ -91,11 +97,7 @@ def read_curves(path: Path) -> Curves | None:
     train: Series = []
     evaluation: Series = []
     speed: Series = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
+    for record in read_jsonl_undamaged(path):
         if not isinstance(record, dict) or not isinstance(record.get("step"), int | float):
             continue
         step = record["step"]

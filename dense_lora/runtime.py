@@ -74,6 +74,18 @@ def write_jsonl_atomic(path: Path, rows: Any) -> None:
     write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
+def read_jsonl_undamaged(path: Path) -> list[Any]:
+    """The rows of a JSON Lines file, leaving out any line that does not parse (one a killed writer left
+    half-written): for append-only logs such as metrics.jsonl, read both by resume and by the report."""
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
 def write_csv_atomic(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
     """A header line and one line per row, written atomically."""
     buffer = io.StringIO()

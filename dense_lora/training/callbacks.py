@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from transformers import TrainerCallback, TrainingArguments
 
-from dense_lora.runtime import write_text_atomic
+from dense_lora.runtime import read_jsonl_undamaged, write_jsonl_atomic
 
 
 class MetricsLog(TrainerCallback):
@@ -34,12 +34,8 @@ class MetricsLog(TrainerCallback):
 
     def on_train_begin(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
         if state.is_world_process_zero and self.path.exists():
-            kept = [
-                line
-                for line in _complete_lines(self.path)
-                if json.loads(line).get("step", 0) <= state.global_step
-            ]
-            write_text_atomic(self.path, "".join(line + "\n" for line in kept))
+            kept = [row for row in read_jsonl_undamaged(self.path) if row.get("step", 0) <= state.global_step]
+            write_jsonl_atomic(self.path, kept)
         self._last = (time.perf_counter(), state.num_input_tokens_seen)
 
     def on_log(
@@ -55,18 +51,6 @@ class MetricsLog(TrainerCallback):
             self._last = (now, tokens)
         with self.path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
-
-
-def _complete_lines(path: Path) -> list[str]:
-    """The JSON lines of a metrics file; a line a killed run left half-written (or garbled) is dropped."""
-    lines = []
-    for line in path.read_text().splitlines():
-        try:
-            json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        lines.append(line)
-    return lines
 
 
 class StopOnSigterm(TrainerCallback):
