@@ -295,6 +295,19 @@ def test_the_plan_gives_the_seeds_to_the_lora_rank_that_matches():
     assert with_matched_headline(alone, "lora-r1") == alone
 
 
+def test_nearest_count_measures_by_ratio():
+    """Twice the target is as far as half of it; a tie goes to the first key in name order; the factor is >= 1."""
+    from dense_lora.study.plan import nearest_count
+
+    assert nearest_count(100, {}) is None
+    key, factor = nearest_count(100, {"above": 190, "below": 60})  # 1/0.6 = 1.67x beats 1.9x
+    assert key == "below" and factor == pytest.approx(100 / 60)
+    key, factor = nearest_count(100, {"half": 50, "double": 200})  # equally far: the first name wins
+    assert key == "double" and factor == pytest.approx(2.0)
+    key, factor = nearest_count(374_784, {"lora-r1": 207_360, "lora-r2": 414_720})
+    assert key == "lora-r2" and factor == pytest.approx(414_720 / 374_784)
+
+
 def test_density_statistics():
     dense = torch.ones(8, 8)
     sparse = torch.zeros(8, 8)

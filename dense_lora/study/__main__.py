@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import math
 import os
 import platform
 import re
@@ -15,7 +14,7 @@ from typing import Any
 from ..cli import StrictArgumentParser
 from ..config import DEFAULT_TARGET_MODULES
 from ..runtime import DenseLoRAError, versions, write_json_atomic, write_text_atomic
-from .plan import MATCH_CANDIDATES, METHODS, METHODS_BY_KEY, PROFILES, with_matched_headline
+from .plan import MATCH_CANDIDATES, METHODS, METHODS_BY_KEY, PROFILES, nearest_count, with_matched_headline
 from .runner import Study, StudyError, is_trained, planned_runs, run_study
 
 FAMILIES = ("commonsense", "math")
@@ -65,13 +64,11 @@ def matched_lora_rank(model: str) -> str | None:
         return None
     targets = list(DEFAULT_TARGET_MODULES)
     dense = count_trainable(config, "denselora", 32, targets).trainable
-
-    def distance(key: str) -> float:
-        return abs(
-            math.log(count_trainable(config, "lora", METHODS_BY_KEY[key].r, targets).trainable / dense)
-        )
-
-    return min(MATCH_CANDIDATES, key=distance)
+    counts = {
+        key: count_trainable(config, "lora", METHODS_BY_KEY[key].r, targets).trainable for key in MATCH_CANDIDATES
+    }
+    nearest = nearest_count(dense, counts)
+    return None if nearest is None else nearest[0]
 
 
 def parse(argv: list[str] | None) -> tuple[Study, Path, bool]:
@@ -129,7 +126,8 @@ def parse(argv: list[str] | None) -> tuple[Study, Path, bool]:
         raise StudyError(
             f"profile {args.profile} sweeps learning rates on the commonsense mix: add commonsense to --families"
         )
-    methods = with_matched_headline(methods, matched_lora_rank(args.model))
+    if set(MATCH_CANDIDATES) <= {method.key for method in methods}:  # else there is no choice to make
+        methods = with_matched_headline(methods, matched_lora_rank(args.model))
     stem = f"study-{Path(args.model).name.lower()}-{args.profile}"
     study = Study(
         model=args.model,

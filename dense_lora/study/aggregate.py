@@ -18,7 +18,7 @@ from typing import Any
 
 from ..benchmarks import SHORT_NAMES
 from ..runtime import write_csv_atomic, write_figure_atomic, write_text_atomic
-from .plan import METHODS, METHODS_BY_KEY, Method, Run
+from .plan import MATCH_FACTOR, METHODS, METHODS_BY_KEY, Method, Run, nearest_count
 from .runner import BASE, Study, read_json
 
 
@@ -135,8 +135,6 @@ def by_method(results: Sequence[RunResult], family: str) -> dict[str, list[RunRe
     return grouped
 
 
-# A LoRA run is DenseLoRA r=32's parameter match when their trainable counts are within this factor.
-MATCH_FACTOR = 1.25
 MATCHED = " (matched)"
 
 
@@ -147,16 +145,13 @@ def matched_lora(groups: dict[str, list[RunResult]]) -> str | None:
     LLaMA-3-8B)."""
     if "denselora-r32" not in groups or not groups["denselora-r32"][0].trainable:
         return None
-    target = groups["denselora-r32"][0].trainable
-    distances = [
-        (abs(math.log(members[0].trainable / target)), key)
+    counts = {
+        key: members[0].trainable
         for key, members in groups.items()
         if key in METHODS_BY_KEY and METHODS_BY_KEY[key].method == "lora" and members[0].trainable
-    ]
-    if not distances:
-        return None
-    distance, key = min(distances)
-    return key if distance <= math.log(MATCH_FACTOR) else None
+    }
+    nearest = nearest_count(groups["denselora-r32"][0].trainable, counts)
+    return nearest[0] if nearest is not None and nearest[1] <= MATCH_FACTOR else None
 
 
 def _label(key: str, members: Sequence[RunResult], matched: str | None) -> str:

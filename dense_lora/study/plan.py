@@ -18,6 +18,7 @@ check: the same sizes, the matched pair swept over four rates, the best rate of 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -58,6 +59,18 @@ METHODS: tuple[Method, ...] = (
 METHODS_BY_KEY = {method.key: method for method in METHODS}
 # The LoRA ranks that can match DenseLoRA r=32's trainable count (r=2 on SmolLM2, r=1 on LLaMA-3-8B).
 MATCH_CANDIDATES = ("lora-r1", "lora-r2")
+# A LoRA run is DenseLoRA r=32's parameter match when their trainable counts are within this factor.
+MATCH_FACTOR = 1.25
+
+
+def nearest_count(target: int, counts: Mapping[str, int]) -> tuple[str, float] | None:
+    """The key whose count is nearest ``target`` by ratio, and that ratio as a factor >= 1 (None: no counts).
+
+    Ratios, not differences: a count twice the target is as far as one half of it."""
+    if not counts:
+        return None
+    key = min(counts, key=lambda name: (abs(math.log(counts[name] / target)), name))
+    return key, math.exp(abs(math.log(counts[key] / target)))
 
 
 def with_matched_headline(methods: Sequence[Method], matched: str | None) -> tuple[Method, ...]:
