@@ -246,7 +246,8 @@ class DenseLoraModel(BaseTuner):
         """peft's ``adapter_names=`` (one adapter, or ``"__base__"``, per row) in forward and generate().
 
         As in peft's LoRA: the names reach each DenseLoRA layer and modules_to_save wrapper through a forward
-        pre-hook for the duration of the call; with beam search each name is repeated for its beams.
+        pre-hook for the duration of the call; with beam search each name is repeated for its beams, except in an
+        encoder-decoder's encoder, which runs once on the rows as given.
         """
         adapter_names = kwargs.pop("adapter_names", None)
         if adapter_names is None:
@@ -263,12 +264,16 @@ class DenseLoraModel(BaseTuner):
         unknown = {name for name in adapter_names if name != "__base__"} - known
         if unknown:
             raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(sorted(unknown))}")
+        per_row = partial(_adapter_names_pre_forward_hook, adapter_names=list(adapter_names))
+        per_beam, in_encoder = per_row, set()
         num_beams = kwargs.get("num_beams")
         if isinstance(num_beams, int) and num_beams > 1:
-            adapter_names = [name for name in adapter_names for _ in range(num_beams)]
-        hook = partial(_adapter_names_pre_forward_hook, adapter_names=list(adapter_names))
+            beams = [name for name in adapter_names for _ in range(num_beams)]
+            per_beam = partial(_adapter_names_pre_forward_hook, adapter_names=beams)
+            encoder = _encoder_of(self.model)
+            in_encoder = set(encoder.modules()) if encoder is not None else set()
         handles = [
-            module.register_forward_pre_hook(hook, with_kwargs=True)
+            module.register_forward_pre_hook(per_row if module in in_encoder else per_beam, with_kwargs=True)
             for module in self.model.modules()
             if isinstance(module, (DenseLoraLayer, AuxiliaryTrainingWrapper))
         ]
@@ -348,6 +353,14 @@ def _adapter_names_pre_forward_hook(
 ) -> tuple[tuple, dict[str, Any]]:
     kwargs["adapter_names"] = adapter_names
     return args, kwargs
+
+
+def _encoder_of(model: nn.Module) -> nn.Module | None:
+    """An encoder-decoder's encoder; None for a decoder-only model (transformers 5's get_encoder returns the model
+    itself when it has no encoder)."""
+    get_encoder = getattr(model, "get_encoder", None)
+    encoder = get_encoder() if callable(get_encoder) else None
+    return None if encoder is model else encoder
 
 
 def _name_matches(key: str, names: list[str] | set[str]) -> bool:

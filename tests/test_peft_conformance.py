@@ -10,7 +10,12 @@ peft's test classes are imported with their bodies unchanged and re-parametrised
 - ``TestPeftCustomModel`` (``test_custom_models.py``) on peft's MLP models (``CUSTOM_CASES``),
 - ``TestMultipleActiveAdapters`` (same file) with two DenseLoRA adapters active at once,
 - ``TestDecoderModels`` (``test_decoder_models.py``) on a tiny local ``LlamaForCausalLM`` (``DECODER_CONFIGS``;
-  the hub model ids those tests name are unreachable here, so every decoder test runs on the local model).
+  the hub model ids those tests name are unreachable here, so every decoder test runs on the local model), its
+  merge tests on the Only Matrix variant (``DECODER_MERGEABLE_CONFIGS``) with peft's ``check_beft_config`` as
+  meant (as shipped, it skips them for every method on LLaMA),
+- ``TestSequenceClassificationModels`` (``test_seq_classifier.py``) on the same LLaMA with its classification head,
+- ``TestPeftFeatureExtractionModel`` (``test_feature_extraction_models.py``) on a tiny local ``BertModel``, the
+  encoder family those tests use.
 
 Selection, for a module CI runs on 2 cores (about 4 minutes): every generic test of those classes with every
 DenseLoRA case, except the cross product of ``test_adapter_dtype_autocast`` (peft's dtype x autocast x low-cpu-mem
@@ -40,7 +45,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoModelForSequenceClassification,
+    BartConfig,
+    BertConfig,
+    PretrainedConfig,
+)
 
 from dense_lora import DenseLoraConfig
 from dense_lora.testing import tiny_llama_config
@@ -90,8 +103,18 @@ def fetch_peft_tests(cache: Path) -> Path:
     return package_dir
 
 
-def import_upstream(package_dir: Path) -> tuple[types.ModuleType, types.ModuleType, types.ModuleType]:
-    """Import peft's testing_common, test_custom_models and test_decoder_models from the cached package.
+UPSTREAM_MODULES = (
+    "testing_common",
+    "test_custom_models",
+    "test_decoder_models",
+    "test_seq_classifier",
+    "test_feature_extraction_models",
+    "test_encoder_decoder_models",
+)
+
+
+def import_upstream(package_dir: Path) -> tuple[types.ModuleType, ...]:
+    """Import peft's testing_common and test modules (UPSTREAM_MODULES) from the cached package.
 
     ``testing_common`` imports diffusers' StableDiffusionPipeline at module level, only for Stable Diffusion tests
     that do not apply to a Linear-only method; when diffusers is absent a placeholder stands in during the import.
@@ -105,17 +128,14 @@ def import_upstream(package_dir: Path) -> tuple[types.ModuleType, types.ModuleTy
         placeholder.StableDiffusionPipeline = type("StableDiffusionPipeline", (), {})
         sys.modules["diffusers"] = placeholder
     try:
-        return tuple(
-            importlib.import_module(f"{PACKAGE}.{name}")
-            for name in ("testing_common", "test_custom_models", "test_decoder_models")
-        )
+        return tuple(importlib.import_module(f"{PACKAGE}.{name}") for name in UPSTREAM_MODULES)
     finally:
         if placeholder is not None and sys.modules.get("diffusers") is placeholder:
             del sys.modules["diffusers"]
 
 
 try:
-    common, custom, decoder = import_upstream(fetch_peft_tests(cache_dir()))
+    common, custom, decoder, seq_cls, feature, seq2seq = import_upstream(fetch_peft_tests(cache_dir()))
 except (RuntimeError, ImportError) as error:
     pytest.skip(f"peft's own tests are not available: {error}", allow_module_level=True)
 
@@ -220,6 +240,82 @@ DECODER_CONFIGS = [
     ),
 ]
 LOCAL_LLAMA_ID = "local/tiny-random-LlamaForCausalLM"
+# The decoder's merge tests run on the Only Matrix variant, the one whose update is a weight matrix.
+DECODER_MERGEABLE_CONFIGS = [
+    (DenseLoraConfig, {"task_type": "CAUSAL_LM", "target_modules": None, "r": 8, "activation": "identity"}),
+    (
+        DenseLoraConfig,
+        {
+            "task_type": "CAUSAL_LM",
+            "target_modules": None,
+            "r": 8,
+            "activation": "identity",
+            "lora_modules": ["up_proj", "down_proj"],
+        },
+    ),
+]
+DECODER_MERGE_TESTS = (
+    "test_merge_layers",
+    "test_merge_layers_multi",
+    "test_merge_layers_nan",
+    "test_merge_layers_fp16",
+)
+# The same tiny LLaMA behind the sequence-classification head (peft adds the head, ``score``, to modules_to_save)
+# and as a bare encoder of hidden states (``AutoModel``), with the default targets and with Freeze.
+SEQ_CLS_CONFIGS = [
+    (DenseLoraConfig, {"task_type": "SEQ_CLS", "target_modules": None, "r": 8}),
+    (DenseLoraConfig, {"task_type": "SEQ_CLS", "target_modules": None, "r": 8, "train_shared": False}),
+]
+# peft runs its encoder-decoder tests on T5 and BART: here a tiny local BART, adapted on q_proj and v_proj (the
+# encoder's, the decoder's and its cross-attention's share one W_e/W_d pair a type: all are d_model -> d_model).
+LOCAL_BART_ID = "local/tiny-random-BartForConditionalGeneration"
+LOCAL_BART_CONFIG = BartConfig(
+    vocab_size=128,
+    d_model=32,
+    encoder_layers=2,
+    decoder_layers=2,
+    encoder_attention_heads=4,
+    decoder_attention_heads=4,
+    encoder_ffn_dim=40,
+    decoder_ffn_dim=40,
+    max_position_embeddings=64,
+)
+SEQ2SEQ_CONFIGS = [
+    (DenseLoraConfig, {"task_type": "SEQ_2_SEQ_LM", "target_modules": ["q_proj", "v_proj"], "r": 8}),
+    (
+        DenseLoraConfig,
+        {
+            "task_type": "SEQ_2_SEQ_LM",
+            "target_modules": ["q_proj", "v_proj"],
+            "r": 8,
+            "activation": "identity",
+        },
+    ),
+]
+SEQ2SEQ_MERGE_TESTS = (
+    "test_merge_layers",
+    "test_merge_layers_multi",
+    "test_merge_layers_nan",
+    "test_safe_merge",
+)
+# peft runs its feature-extraction tests on encoders (BERT, RoBERTa, DeBERTa): here a tiny local BERT, adapted on
+# query and value (peft's LoRA default for BERT), with GELU and as Only Matrix (which can merge).
+LOCAL_BERT_ID = "local/tiny-random-BertModel"
+LOCAL_BERT_CONFIG = BertConfig(
+    vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=40
+)
+FEATURE_EXTRACTION_CONFIGS = [
+    (DenseLoraConfig, {"task_type": "FEATURE_EXTRACTION", "target_modules": ["query", "value"], "r": 8}),
+    (
+        DenseLoraConfig,
+        {
+            "task_type": "FEATURE_EXTRACTION",
+            "target_modules": ["query", "value"],
+            "r": 8,
+            "activation": "identity",
+        },
+    ),
+]
 
 MULTIPLE_ACTIVE_CASES = [
     (
@@ -278,6 +374,7 @@ NOT_APPLICABLE = {
     "test_prompt_tuning_text_prepare_for_training": "prompt learning only",
     "test_prompt_tuning_sample_vocab_prepare_for_training": "prompt learning only",
     "test_training_prompt_learning_tasks": "prompt learning only",
+    "test_prompt_learning_forward_with_inputs_embeds": "prompt learning only (and loads a hub model by name)",
     "test_passing_input_embeds_works": "prompt learning only (checks virtual-token handling of inputs_embeds)",
     "test_set_requires_grad_prompt_learning_raises": "prompt learning only",
     "test_prompt_learning_with_gradient_checkpointing": "prompt learning only (and needs the hub tokenizer)",
@@ -335,6 +432,8 @@ def reparametrised(
     namespace = function.__globals__
     if function.__name__ in WHITELISTED:
         namespace = {**namespace, **dict.fromkeys(WHITELISTED[function.__name__], DenseLoraConfig)}
+    if "check_beft_config" in function.__code__.co_names:
+        namespace = {**namespace, "check_beft_config": check_beft_config}
     copy = types.FunctionType(
         function.__code__, namespace, function.__name__, function.__defaults__, function.__closure__
     )
@@ -347,8 +446,23 @@ def reparametrised(
     return copy
 
 
-def adapt_class(upstream: type, overrides: dict[str, dict[tuple[str, ...], list]] | None = None) -> dict:
-    """Namespace for a subclass of a peft test class: every test re-parametrised or removed."""
+def check_beft_config(config_cls: type, model_id: str, config_kwargs: dict) -> None:
+    """peft 0.21's helper of the decoder merge tests, as meant: it tests ``isinstance(config_cls, BeftConfig)`` on a
+    class, which is never true, so its "LLaMA layers have no bias term" skip (a BEFT concern) skips those tests for
+    every method on every LLaMA. Only a BEFT config is its business; for any other config it does nothing."""
+    if config_cls.__name__ == "BeftConfig":
+        decoder.check_beft_config(config_cls, model_id, config_kwargs)
+
+
+def adapt_class(
+    upstream: type,
+    overrides: dict[str, dict[tuple[str, ...], list]] | None = None,
+    everywhere: dict[tuple[str, ...], list] | None = None,
+) -> dict:
+    """Namespace for a subclass of a peft test class: every test re-parametrised or removed.
+
+    ``everywhere`` replaces parametrisations in every test of the class (e.g. a task type's configs),
+    ``overrides`` in the named tests only."""
     namespace: dict = {}
     for name in dir(upstream):
         if not name.startswith("test_"):
@@ -356,7 +470,7 @@ def adapt_class(upstream: type, overrides: dict[str, dict[tuple[str, ...], list]
         function = getattr(upstream, name)
         if not isinstance(function, types.FunctionType):
             continue
-        namespace[name] = reparametrised(function, (overrides or {}).get(name, {}))
+        namespace[name] = reparametrised(function, {**(everywhere or {}), **(overrides or {}).get(name, {})})
     return namespace
 
 
@@ -373,19 +487,31 @@ _LOCAL_DIR = Path(tempfile.mkdtemp(prefix="dense-lora-tiny-llama-"))
 atexit.register(shutil.rmtree, _LOCAL_DIR, True)
 
 
-class LocalCausalLM:
-    """Stands in for AutoModelForCausalLM: the hub ids of peft's decoder tests resolve to one tiny local LLaMA."""
+def local_stand_in(
+    auto_class: type, model_id: str = LOCAL_LLAMA_ID, config: PretrainedConfig | None = None
+) -> type:
+    """Stands in for ``auto_class`` (AutoModelForCausalLM, ...): ``model_id``, where peft's tests name hub models,
+    resolves to one tiny local model (the tiny LLaMA unless ``config`` says otherwise), saved once per head with
+    fixed weights so that every load of it is the same model. Folders the tests saved themselves load as usual."""
 
-    @classmethod
-    def from_pretrained(cls, model_id: str, *args, **kwargs):
-        if not (_LOCAL_DIR / "config.json").exists():
-            torch.manual_seed(0)
-            AutoModelForCausalLM.from_config(tiny_llama_config()).save_pretrained(_LOCAL_DIR)
-        if model_id != LOCAL_LLAMA_ID:
-            raise ValueError(f"no local stand-in for {model_id!r}")
-        model = AutoModelForCausalLM.from_pretrained(_LOCAL_DIR, *args, **kwargs)
-        model.config._name_or_path = model.name_or_path = LOCAL_LLAMA_ID
-        return model
+    folder = _LOCAL_DIR / f"{auto_class.__name__}-{model_id.replace('/', '--')}"
+
+    class LocalModel:
+        @classmethod
+        def from_pretrained(cls, name: str, *args, **kwargs):
+            if Path(name).is_dir():
+                return auto_class.from_pretrained(name, *args, **kwargs)
+            if name != model_id:
+                raise ValueError(f"no local stand-in for {name!r}")
+            if not (folder / "config.json").exists():
+                torch.manual_seed(0)
+                auto_class.from_config(config or tiny_llama_config()).save_pretrained(folder)
+            model = auto_class.from_pretrained(folder, *args, **kwargs)
+            model.config._name_or_path = model.name_or_path = model_id
+            return model
+
+    LocalModel.__name__ = LocalModel.__qualname__ = f"Local{auto_class.__name__}"
+    return LocalModel
 
 
 # --- the test classes ---------------------------------------------------------------------------------------------
@@ -419,16 +545,60 @@ TestDenseLoraMultipleActiveAdapters = type(
     ),
 )
 
-_decoder_namespace = adapt_class(decoder.TestDecoderModels)
-_decoder_namespace.update(
-    transformers_class=LocalCausalLM,
-    _test_mixed_adapter_batches=_with_whitelist(
+_decoder_namespace = adapt_class(
+    decoder.TestDecoderModels,
+    {name: {("config_cls", "config_kwargs"): DECODER_MERGEABLE_CONFIGS} for name in DECODER_MERGE_TESTS},
+)
+# peft's helpers of the mixed-adapter-batch tests, with DenseLoRA in their whitelists (decoder and encoder-decoder)
+MIXED_BATCH_HELPERS = {
+    "_test_mixed_adapter_batches": _with_whitelist(
         common.PeftCommonTester._test_mixed_adapter_batches, ("LoraConfig", "RoadConfig")
     ),
-    _test_generate_with_mixed_adapter_batches_and_beam_search=_with_whitelist(
+    "_test_generate_with_mixed_adapter_batches_and_beam_search": _with_whitelist(
         common.PeftCommonTester._test_generate_with_mixed_adapter_batches_and_beam_search, ("LoraConfig",)
     ),
-)
+}
+_decoder_namespace.update(transformers_class=local_stand_in(AutoModelForCausalLM), **MIXED_BATCH_HELPERS)
 TestDenseLoraDecoderModels = type(
     "TestDenseLoraDecoderModels", (decoder.TestDecoderModels,), _decoder_namespace
+)
+
+TestDenseLoraSequenceClassification = type(
+    "TestDenseLoraSequenceClassification",
+    (seq_cls.TestSequenceClassificationModels,),
+    {
+        **adapt_class(
+            seq_cls.TestSequenceClassificationModels,
+            everywhere={("config_cls", "config_kwargs"): SEQ_CLS_CONFIGS},
+        ),
+        "transformers_class": local_stand_in(AutoModelForSequenceClassification),
+    },
+)
+TestDenseLoraFeatureExtraction = type(
+    "TestDenseLoraFeatureExtraction",
+    (feature.TestPeftFeatureExtractionModel,),
+    {
+        **adapt_class(
+            feature.TestPeftFeatureExtractionModel,
+            {"test_merge_layers": {("config_cls", "config_kwargs"): FEATURE_EXTRACTION_CONFIGS[1:]}},
+            everywhere={
+                ("config_cls", "config_kwargs"): FEATURE_EXTRACTION_CONFIGS,
+                ("model_id",): [LOCAL_BERT_ID],
+            },
+        ),
+        "transformers_class": local_stand_in(AutoModel, LOCAL_BERT_ID, LOCAL_BERT_CONFIG),
+    },
+)
+TestDenseLoraEncoderDecoder = type(
+    "TestDenseLoraEncoderDecoder",
+    (seq2seq.TestEncoderDecoderModels,),
+    {
+        **adapt_class(
+            seq2seq.TestEncoderDecoderModels,
+            {"test_merge_layers": {("config_cls", "config_kwargs"): SEQ2SEQ_CONFIGS[1:]}},
+            everywhere={("config_cls", "config_kwargs"): SEQ2SEQ_CONFIGS, ("model_id",): [LOCAL_BART_ID]},
+        ),
+        "transformers_class": local_stand_in(AutoModelForSeq2SeqLM, LOCAL_BART_ID, LOCAL_BART_CONFIG),
+        **MIXED_BATCH_HELPERS,
+    },
 )
