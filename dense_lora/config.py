@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -145,22 +144,18 @@ class DenseLoraConfig(PeftConfig):
         return self.lora_alpha / self.r
 
     @classmethod
-    def from_peft_type(cls, **kwargs: Any) -> DenseLoraConfig:
-        """Build from a saved ``adapter_config.json``; unknown or missing method fields are errors, not warnings.
+    def from_peft_type(cls, **kwargs: Any) -> PeftConfig:
+        """Build from a saved ``adapter_config.json``; a missing method field is an error, not a default.
 
-        peft's default drops unknown keys with a warning; for a method whose numbers depend on every field, a config
-        that does not say what it means must not load silently.
+        Unknown fields get peft's forward-compatible treatment (a warning naming them, then ignored), and a JSON
+        without ``peft_type`` peft's TypeError. A DenseLoRA config without one of REQUIRED_SAVED_FIELDS is refused:
+        filling it with today's defaults could compute something other than what was trained.
         """
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(kwargs) - known)
-        if unknown:
-            raise ValueError(
-                f"DenseLoRA adapter config has unknown fields {unknown}; known fields: {sorted(known)}"
-            )
-        missing = [name for name in REQUIRED_SAVED_FIELDS if name not in kwargs]
-        if missing:
-            raise ValueError(f"DenseLoRA adapter config is missing required fields {missing}")
-        return cls(**kwargs)
+        if kwargs.get("peft_type") in (PeftType.DENSELORA, PeftType.DENSELORA.value):
+            missing = [name for name in REQUIRED_SAVED_FIELDS if name not in kwargs]
+            if missing:
+                raise ValueError(f"DenseLoRA adapter config is missing required fields {missing}")
+        return super().from_peft_type(**kwargs)
 
 
 def _as_set(value: list[str] | set[str] | str | None) -> set[str] | str | None:

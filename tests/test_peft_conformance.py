@@ -15,7 +15,9 @@ peft's test classes are imported with their bodies unchanged and re-parametrised
   meant (as shipped, it skips them for every method on LLaMA),
 - ``TestSequenceClassificationModels`` (``test_seq_classifier.py``) on the same LLaMA with its classification head,
 - ``TestPeftFeatureExtractionModel`` (``test_feature_extraction_models.py``) on a tiny local ``BertModel``, the
-  encoder family those tests use.
+  encoder family those tests use,
+- ``TestEncoderDecoderModels`` (``test_encoder_decoder_models.py``) on a tiny local BART,
+- ``TestPeftConfig`` (``test_config.py``): saving, loading (forward-compatible: unknown keys warn), copying.
 
 Selection, for a module CI runs on 2 cores (about 4 minutes): every generic test of those classes with every
 DenseLoRA case, except the cross product of ``test_adapter_dtype_autocast`` (peft's dtype x autocast x low-cpu-mem
@@ -110,6 +112,7 @@ UPSTREAM_MODULES = (
     "test_seq_classifier",
     "test_feature_extraction_models",
     "test_encoder_decoder_models",
+    "test_config",
 )
 
 
@@ -135,7 +138,9 @@ def import_upstream(package_dir: Path) -> tuple[types.ModuleType, ...]:
 
 
 try:
-    common, custom, decoder, seq_cls, feature, seq2seq = import_upstream(fetch_peft_tests(cache_dir()))
+    common, custom, decoder, seq_cls, feature, seq2seq, config_tests = import_upstream(
+        fetch_peft_tests(cache_dir())
+    )
 except (RuntimeError, ImportError) as error:
     pytest.skip(f"peft's own tests are not available: {error}", allow_module_level=True)
 
@@ -384,6 +389,17 @@ NOT_APPLICABLE = {
     "to_save (default r=16 on a 10 -> 20 layer)",
 }
 
+# peft test name -> the hub files it loads by name. Tests run without network (no test may download), so these are
+# reported as skipped; each one's local counterpart runs (test_save_pretrained, test_from_json_file, ...).
+NEEDS_HUB = {
+    name: "loads a LoRA adapter config from the hub (peft-internal-testing/tiny-opt-lora-revision)"
+    for name in (
+        "test_from_pretrained",
+        "test_from_pretrained_cache_dir",
+        "test_save_pretrained_with_runtime_config",
+    )
+}
+
 
 # --- re-parametrisation -------------------------------------------------------------------------------------------
 def _argnames(mark: pytest.Mark) -> tuple[str, ...]:
@@ -399,6 +415,7 @@ REPLACEMENTS = {
     ("config_cls", "config_kwargs"): DECODER_CONFIGS,
     ("model_id",): [LOCAL_LLAMA_ID],
     ("config_cls",): [DenseLoraConfig],
+    ("config_class", "mandatory_kwargs"): [(DenseLoraConfig, {})],
     ("test_name", "tuner_method", "config_cls", "config_kwargs_1", "config_kwargs_2"): MULTIPLE_ACTIVE_CASES,
 }
 # Test bodies that gate a feature DenseLoRA has by a whitelist of config class names: those names resolve to
@@ -408,7 +425,7 @@ WHITELISTED = {
     "test_generate_with_mixed_adapter_batches": ("LoraConfig",),
 }
 # Marks that decide applicability: a test parametrised by none of these is method-specific (LoRA, IA3, ...).
-CASE_ARGNAMES = {names for names in REPLACEMENTS if "config_cls" in names}
+CASE_ARGNAMES = {names for names in REPLACEMENTS if {"config_cls", "config_class"} & set(names)}
 
 
 def reparametrised(
@@ -442,6 +459,10 @@ def reparametrised(
     reason = NOT_APPLICABLE.get(function.__name__)
     if reason:
         new_marks.append(pytest.mark.skip(reason=f"not applicable to DenseLoRA: {reason}").mark)
+    elif function.__name__ in NEEDS_HUB:
+        new_marks.append(
+            pytest.mark.skip(reason=f"needs the Hugging Face hub: {NEEDS_HUB[function.__name__]}").mark
+        )
     copy.pytestmark = new_marks
     return copy
 
@@ -601,4 +622,7 @@ TestDenseLoraEncoderDecoder = type(
         "transformers_class": local_stand_in(AutoModelForSeq2SeqLM, LOCAL_BART_ID, LOCAL_BART_CONFIG),
         **MIXED_BATCH_HELPERS,
     },
+)
+TestDenseLoraConfig = type(
+    "TestDenseLoraConfig", (config_tests.TestPeftConfig,), adapt_class(config_tests.TestPeftConfig)
 )
