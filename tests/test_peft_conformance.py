@@ -17,7 +17,8 @@ peft's test classes are imported with their bodies unchanged and re-parametrised
 - ``TestPeftFeatureExtractionModel`` (``test_feature_extraction_models.py``) on a tiny local ``BertModel``, the
   encoder family those tests use,
 - ``TestEncoderDecoderModels`` (``test_encoder_decoder_models.py``) on a tiny local BART,
-- ``TestPeftConfig`` (``test_config.py``): saving, loading (forward-compatible: unknown keys warn), copying.
+- ``TestPeftConfig`` (``test_config.py``): saving, loading (forward-compatible: unknown keys warn), copying,
+- ``TestAdapterTargeting`` (``test_other.py``): a second adapter's regex never adapts the first one's weights.
 
 Selection, for a module CI runs on 2 cores (about 4 minutes): every generic test of those classes with every
 DenseLoRA case, except the cross product of ``test_adapter_dtype_autocast`` (peft's dtype x autocast x low-cpu-mem
@@ -113,6 +114,7 @@ UPSTREAM_MODULES = (
     "test_feature_extraction_models",
     "test_encoder_decoder_models",
     "test_config",
+    "test_other",
 )
 
 
@@ -138,7 +140,7 @@ def import_upstream(package_dir: Path) -> tuple[types.ModuleType, ...]:
 
 
 try:
-    common, custom, decoder, seq_cls, feature, seq2seq, config_tests = import_upstream(
+    common, custom, decoder, seq_cls, feature, seq2seq, config_tests, other = import_upstream(
         fetch_peft_tests(cache_dir())
     )
 except (RuntimeError, ImportError) as error:
@@ -625,4 +627,18 @@ TestDenseLoraEncoderDecoder = type(
 )
 TestDenseLoraConfig = type(
     "TestDenseLoraConfig", (config_tests.TestPeftConfig,), adapt_class(config_tests.TestPeftConfig)
+)
+# An adapter added next to another must not adapt the first one's modules, even when a regex reaches them: the
+# per-layer M (a ParameterDict on the adapted layer) and the shared W_e/W_d (owned by the tuner).
+SELF_TARGETING_CONFIGS = [
+    (DenseLoraConfig, {"target_modules": "l1.*", "r": 4}),
+    (DenseLoraConfig, {"target_modules": "(l1|denselora_encoder|denselora_decoder).*", "r": 4}),
+    (DenseLoraConfig, {"target_modules": ".*(l1|denselora_M).*", "r": 4, "activation": "identity"}),
+]
+TestDenseLoraAdapterTargeting = type(
+    "TestDenseLoraAdapterTargeting",
+    (other.TestAdapterTargeting,),
+    adapt_class(
+        other.TestAdapterTargeting, everywhere={("config_cls", "config_kwargs"): SELF_TARGETING_CONFIGS}
+    ),
 )
