@@ -14,6 +14,7 @@ from helpers import make_tiny_llama
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from dense_lora import smollm2
+from dense_lora.config import DEFAULT_TARGET_MODULES, TARGET_MODULES_BY_MODEL_TYPE
 from dense_lora.models import (
     build_model_on_meta,
     load_base_model,
@@ -297,3 +298,55 @@ def test_published_config_from_local_file(tmp_path: Path) -> None:
     assert published_config("llama3-8b") is not published_config("llama3-8b")  # callers may mutate theirs
     with pytest.raises(ValueError, match="unknown architecture"):
         published_config("llama-9000")
+
+
+@pytest.mark.parametrize("model_type", sorted(TARGET_MODULES_BY_MODEL_TYPE))
+def test_every_family_with_default_targets_gets_qkvud(model_type: str):
+    """Each model family DenseLoRA names a default for gets Q, K, V, Up and Down in every layer with no
+    target_modules given: the count is the method's (in + out + l·r)·r per type, the adapted model starts as the
+    base, and the first step's gradient reaches the decoders (W_d starts at zero, so only they get one)."""
+    from peft import get_peft_model
+    from transformers import AutoConfig
+
+    from dense_lora import DenseLoraConfig
+
+    dims = dict(
+        hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2, head_dim=8
+    )
+    config = AutoConfig.for_model(
+        model_type,
+        vocab_size=128,
+        num_hidden_layers=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        **dims,
+    )
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(config)
+    ids = torch.tensor([[1, 5, 7, 9, 3]])
+    reference = base(ids).logits
+    model = get_peft_model(base, DenseLoraConfig(r=4))
+    adapted = {
+        name.split(".")[-1] for name, module in model.named_modules() if hasattr(module, "denselora_M")
+    }
+    assert adapted == set(DEFAULT_TARGET_MODULES)
+    kv = dims["num_key_value_heads"] * dims["head_dim"]
+    shapes = {
+        "q_proj": (32, 32),
+        "k_proj": (32, kv),
+        "v_proj": (32, kv),
+        "up_proj": (32, 48),
+        "down_proj": (48, 32),
+    }
+    layers, r = 2, 4
+    expected = sum((fan_in + fan_out + layers * r) * r for fan_in, fan_out in shapes.values())
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == expected == 1440
+    logits = model(ids).logits
+    torch.testing.assert_close(logits, reference)
+    logits.float().pow(2).mean().backward()
+    decoders = [p for name, p in model.named_parameters() if "denselora_decoder" in name]
+    assert len(decoders) == len(shapes) and all(
+        p.grad is not None and p.grad.abs().sum() > 0 for p in decoders
+    )
