@@ -267,12 +267,20 @@ DECODER_MERGE_TESTS = (
     "test_merge_layers_nan",
     "test_merge_layers_fp16",
 )
-# The same tiny LLaMA behind the sequence-classification head (peft adds the head, ``score``, to modules_to_save)
-# and as a bare encoder of hidden states (``AutoModel``), with the default targets and with Freeze.
+# The same tiny LLaMA behind the sequence-classification head (peft adds the head, ``score``, to modules_to_save),
+# with the default targets and with Freeze.
 SEQ_CLS_CONFIGS = [
     (DenseLoraConfig, {"task_type": "SEQ_CLS", "target_modules": None, "r": 8}),
     (DenseLoraConfig, {"task_type": "SEQ_CLS", "target_modules": None, "r": 8, "train_shared": False}),
 ]
+
+
+def gelu_and_only_matrix(task_type: str, targets: list[str]) -> list[tuple[type, dict]]:
+    """The default variant and Only Matrix (the one that can merge) at r=8, for one task type and target list."""
+    gelu = {"task_type": task_type, "target_modules": targets, "r": 8}
+    return [(DenseLoraConfig, gelu), (DenseLoraConfig, {**gelu, "activation": "identity"})]
+
+
 # peft runs its encoder-decoder tests on T5 and BART: here a tiny local BART, adapted on q_proj and v_proj (the
 # encoder's, the decoder's and its cross-attention's share one W_e/W_d pair a type: all are d_model -> d_model).
 LOCAL_BART_ID = "local/tiny-random-BartForConditionalGeneration"
@@ -287,42 +295,14 @@ LOCAL_BART_CONFIG = BartConfig(
     decoder_ffn_dim=40,
     max_position_embeddings=64,
 )
-SEQ2SEQ_CONFIGS = [
-    (DenseLoraConfig, {"task_type": "SEQ_2_SEQ_LM", "target_modules": ["q_proj", "v_proj"], "r": 8}),
-    (
-        DenseLoraConfig,
-        {
-            "task_type": "SEQ_2_SEQ_LM",
-            "target_modules": ["q_proj", "v_proj"],
-            "r": 8,
-            "activation": "identity",
-        },
-    ),
-]
-SEQ2SEQ_MERGE_TESTS = (
-    "test_merge_layers",
-    "test_merge_layers_multi",
-    "test_merge_layers_nan",
-    "test_safe_merge",
-)
+SEQ2SEQ_CONFIGS = gelu_and_only_matrix("SEQ_2_SEQ_LM", ["q_proj", "v_proj"])
 # peft runs its feature-extraction tests on encoders (BERT, RoBERTa, DeBERTa): here a tiny local BERT, adapted on
 # query and value (peft's LoRA default for BERT), with GELU and as Only Matrix (which can merge).
 LOCAL_BERT_ID = "local/tiny-random-BertModel"
 LOCAL_BERT_CONFIG = BertConfig(
     vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=40
 )
-FEATURE_EXTRACTION_CONFIGS = [
-    (DenseLoraConfig, {"task_type": "FEATURE_EXTRACTION", "target_modules": ["query", "value"], "r": 8}),
-    (
-        DenseLoraConfig,
-        {
-            "task_type": "FEATURE_EXTRACTION",
-            "target_modules": ["query", "value"],
-            "r": 8,
-            "activation": "identity",
-        },
-    ),
-]
+FEATURE_EXTRACTION_CONFIGS = gelu_and_only_matrix("FEATURE_EXTRACTION", ["query", "value"])
 
 MULTIPLE_ACTIVE_CASES = [
     (
