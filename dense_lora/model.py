@@ -203,8 +203,25 @@ class DenseLoraModel(BaseTuner):
 
     # --- dtype ------------------------------------------------------------------------------------------------------
 
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """transformers' ``num_parameters`` of the base model plus the shared W_e/W_d, which live here, outside it.
+
+        ``PeftModel.num_parameters()`` reaches this method before the base model's, whose count alone would leave the
+        shared weights out (a buffer under Freeze, so counted by neither)."""
+        shared = sum(
+            weight.numel()
+            for container in (self.denselora_encoder, self.denselora_decoder)
+            for weight in container.parameters()
+            if weight.requires_grad or not only_trainable
+        )
+        return (
+            self.model.num_parameters(only_trainable=only_trainable, exclude_embeddings=exclude_embeddings)
+            + shared
+        )
+
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
-        """peft's contract: float32 adapter weights by default, the base layer's dtype with ``autocast_adapter_dtype=False``.
+        """peft's contract: adapter weights in the base layer's dtype, float16 and bfloat16 upcast to float32 unless
+        ``autocast_adapter_dtype=False`` (a float64 base keeps float64 adapters, as LoRA's do).
 
         peft's own cast visits only the layers; the shared W_e/W_d of a module type take the dtype of that type's
         base layers. A quantized (integer) base keeps float32 adapter weights.
@@ -216,7 +233,7 @@ class DenseLoraModel(BaseTuner):
                 continue
             base_dtype = module.get_base_layer().weight.dtype
             target = base_dtype if base_dtype.is_floating_point else torch.float32
-            if autocast_adapter_dtype:
+            if autocast_adapter_dtype and target in (torch.float16, torch.bfloat16):
                 target = torch.float32
             if adapter_name in module.denselora_M:
                 shared_dtype.setdefault(module.module_type, target)

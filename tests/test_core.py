@@ -50,6 +50,36 @@ def test_trainable_count_matches_formula(tiny_inputs):
     shared = list(model.base_model.denselora_encoder["default"].values())
     assert all(id(p) not in layer_params for p in shared)
     assert len(shared) == 5
+    # every counter agrees, peft's and transformers' (which alone would not see the shared weights)
+    assert model.get_nb_trainable_parameters()[0] == model.num_parameters(only_trainable=True) == expected
+    assert model.num_parameters() == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    ("base_dtype", "autocast", "adapter_dtype"),
+    [
+        (torch.float64, True, torch.float64),  # kept, as LoRA's are: only half precision is upcast
+        (torch.float16, True, torch.float32),
+        (torch.bfloat16, True, torch.float32),
+        (torch.bfloat16, False, torch.bfloat16),
+    ],
+)
+def test_adapter_dtype_follows_peft(tmp_path, base_dtype, autocast, adapter_dtype):
+    """Adapter weights, the shared pair included, take the base's dtype, half precision upcast to float32 unless
+    autocast_adapter_dtype=False; a float64 adapter saves and reloads bit for bit."""
+    model = get_peft_model(
+        make_tiny_llama().to(base_dtype), dense_config(init_weights=False), autocast_adapter_dtype=autocast
+    )
+    assert {p.dtype for n, p in model.named_parameters() if "denselora" in n} == {adapter_dtype}
+    if base_dtype is not torch.float64:
+        return
+    ids = torch.tensor([[1, 5, 7, 9]])
+    model.eval()
+    logits = model(ids).logits
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(make_tiny_llama().to(base_dtype), tmp_path).eval()
+    assert {p.dtype for n, p in loaded.named_parameters() if "denselora" in n} == {torch.float64}
+    torch.testing.assert_close(loaded(ids).logits, logits, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("activation", ["gelu", "identity", "relu", "silu", "tanh"])

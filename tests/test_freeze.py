@@ -65,6 +65,7 @@ def test_only_m_is_trainable():
     assert sum(trainable.values()) == LAYERS * len(DEFAULT_TARGET_MODULES) * R * R == 960
     trainable_count, _ = model.get_nb_trainable_parameters()
     assert trainable_count == 960
+    assert model.num_parameters(only_trainable=True) == 960  # the shared pair is a buffer here, counted nowhere
 
 
 @pytest.mark.parametrize("activation", ["gelu", "identity"])
