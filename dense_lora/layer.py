@@ -81,6 +81,12 @@ def init_tensor(
     return nn.init.kaiming_uniform_(tensor, a=math.sqrt(5), generator=generator)
 
 
+def unmergeable_base_error(base_layer: nn.Module) -> ValueError:
+    return ValueError(
+        f"cannot merge into a {type(base_layer).__name__} base layer; load the base model unquantized to merge"
+    )
+
+
 def nonlinear_merge_error(adapter: str, activation: str) -> ValueError:
     return ValueError(
         f"cannot merge DenseLoRA adapter '{adapter}': activation '{activation}' makes the update a non-linear "
@@ -295,7 +301,9 @@ class DenseLoraLayer(BaseTunerLayer):
             if self.activation[adapter] != "identity":
                 raise nonlinear_merge_error(adapter, self.activation[adapter])
             encoder, decoder = self.shared.get(adapter, self.module_type)
-            middle = self.denselora_M[adapter]  # on this layer's device; the shared pair may sit on another GPU
+            middle = self.denselora_M[
+                adapter
+            ]  # on this layer's device; the shared pair may sit on another GPU
             delta = decoder.to(middle.device) @ middle @ encoder.to(middle.device)
         return delta * self.scaling[adapter]
 
@@ -441,9 +449,7 @@ class Linear(nn.Module, DenseLoraLayer):
             return
         base_layer = self.get_base_layer()
         if type(base_layer) is not nn.Linear:
-            raise ValueError(
-                f"cannot merge into a {type(base_layer).__name__} base layer; load the base model unquantized to merge"
-            )
+            raise unmergeable_base_error(base_layer)
         deltas = {
             name: self.get_delta_weight(name)
             for name in adapter_names

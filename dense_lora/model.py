@@ -35,6 +35,7 @@ from .layer import (
     init_tensor,
     nonlinear_merge_error,
     supported_base_layer_types,
+    unmergeable_base_error,
 )
 
 
@@ -321,13 +322,17 @@ class DenseLoraModel(BaseTuner):
 
     def _check_mergeable(self, adapter_names: list[str] | None) -> None:
         """Refuse before any layer is touched, so a failed merge never leaves a half-merged model: the adapters
-        to merge (``adapter_names``, by default the active ones) must have no non-linear DenseLoRA layer. peft
-        checks only the active adapters and then merges layer by layer, so an adapter named in
-        ``merge_adapter(adapter_names=...)`` would get its plain-LoRA layers merged before its first DenseLoRA
-        layer refused."""
-        for name in self.active_adapters if adapter_names is None else adapter_names:
-            if name not in self.peft_config:
-                continue  # peft's own error for an unknown name
+        to merge (``adapter_names``, by default the active ones) must have no non-linear DenseLoRA layer, and every
+        layer they adapt must sit on a plain Linear (not a quantized one). peft checks only the active adapters and
+        then merges layer by layer, so an adapter named in ``merge_adapter(adapter_names=...)`` would get its
+        plain-LoRA layers merged before its first DenseLoRA layer refused, and a base quantized in part (bitsandbytes'
+        ``llm_int8_skip_modules``) would get its Linear layers merged before the first quantized one refused."""
+        names = [
+            name
+            for name in (self.active_adapters if adapter_names is None else adapter_names)
+            if name in self.peft_config  # else peft's own error for an unknown name
+        ]
+        for name in names:
             activation = self.peft_config[name].activation
             if (
                 activation != "identity"
@@ -335,6 +340,11 @@ class DenseLoraModel(BaseTuner):
                 and len(self.denselora_encoder[name]) > 0
             ):
                 raise nonlinear_merge_error(name, activation)
+        for module in self.model.modules():
+            if not isinstance(module, DenseLoraLayer) or type(module.get_base_layer()) is nn.Linear:
+                continue
+            if any(name in module.denselora_M or name in module.denselora_A for name in names):
+                raise unmergeable_base_error(module.get_base_layer())
 
     # --- loading: all or nothing ---------------------------------------------------------------------------------------
 

@@ -39,6 +39,26 @@ def test_quantized_base_runs_forward_and_backward(tiny_llama_dir, tiny_inputs, b
         layer.merge()
 
 
+@pytest.mark.parametrize("merge", ["merge_adapter", "merge_and_unload"])
+def test_merge_into_a_partly_quantized_base_is_refused_untouched(tiny_llama_dir, tiny_inputs, merge):
+    """q_proj kept in float (bitsandbytes' llm_int8_skip_modules), the rest 4-bit: merging the Only Matrix variant
+    is refused before any layer changes, so q_proj is neither merged nor unwrapped and the adapter still saves whole."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quantization = BitsAndBytesConfig(load_in_4bit=True, llm_int8_skip_modules=["lm_head", "q_proj"])
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=quantization)
+    model = get_peft_model(base, DenseLoraConfig(r=8, activation="identity", init_weights=False, init_seed=0))
+    model.eval()
+    with torch.no_grad():
+        before = model(**tiny_inputs).logits
+    with pytest.raises(ValueError, match="cannot merge into a Linear4bit base layer"):
+        getattr(model, merge)()
+    q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj, DenseLoraLayer) and not q_proj.merged
+    with torch.no_grad():
+        torch.testing.assert_close(model(**tiny_inputs).logits, before, rtol=0, atol=0)
+
+
 @pytest.fixture(scope="module")
 def smollm2(smollm2_dir):
     return load_tokenizer(smollm2_dir), smollm2_dir

@@ -65,7 +65,8 @@ def matched_lora_rank(model: str) -> str | None:
     targets = list(DEFAULT_TARGET_MODULES)
     dense = count_trainable(config, "denselora", 32, targets).trainable
     counts = {
-        key: count_trainable(config, "lora", METHODS_BY_KEY[key].r, targets).trainable for key in MATCH_CANDIDATES
+        key: count_trainable(config, "lora", METHODS_BY_KEY[key].r, targets).trainable
+        for key in MATCH_CANDIDATES
     }
     nearest = nearest_count(dense, counts)
     return None if nearest is None else nearest[0]
