@@ -225,15 +225,14 @@ class DenseLoraModel(BaseTuner):
         ``autocast_adapter_dtype=False`` (a float64 base keeps float64 adapters, as LoRA's do).
 
         peft's own cast visits only the layers; the shared W_e/W_d of a module type take the dtype of that type's
-        base layers. A quantized (integer) base keeps float32 adapter weights.
+        base layers. A quantized base counts as its compute dtype (4-bit), else float32 (8-bit), as in peft.
         """
         super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
         shared_dtype: dict[str, torch.dtype] = {}
         for module in self.model.modules():
             if not isinstance(module, DenseLoraLayer):
                 continue
-            base_dtype = module.get_base_layer().weight.dtype
-            target = base_dtype if base_dtype.is_floating_point else torch.float32
+            target = _adapter_dtype_of(module.get_base_layer())
             if autocast_adapter_dtype and target in (torch.float16, torch.bfloat16):
                 target = torch.float32
             if adapter_name in module.denselora_M:
@@ -380,6 +379,16 @@ def _adapter_names_pre_forward_hook(
 ) -> tuple[tuple, dict[str, Any]]:
     kwargs["adapter_names"] = adapter_names
     return args, kwargs
+
+
+def _adapter_dtype_of(base_layer: nn.Module) -> torch.dtype:
+    """The dtype adapters of ``base_layer`` take before autocast: its weight's, or for a quantized (integer) weight
+    its compute dtype (bitsandbytes 4-bit), else float32 (8-bit), as peft decides for its own methods."""
+    dtype = base_layer.weight.dtype
+    if dtype.is_floating_point:
+        return dtype
+    compute = getattr(base_layer, "compute_dtype", None)
+    return compute if isinstance(compute, torch.dtype) and compute.is_floating_point else torch.float32
 
 
 def _encoder_of(model: nn.Module) -> nn.Module | None:

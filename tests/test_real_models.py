@@ -39,6 +39,24 @@ def test_quantized_base_runs_forward_and_backward(tiny_llama_dir, tiny_inputs, b
         layer.merge()
 
 
+@pytest.mark.parametrize("autocast", [True, False])
+@pytest.mark.parametrize("quantized", [{"load_8bit": True}, {"load_4bit": True, "dtype": "bfloat16"}])
+def test_adapter_dtype_on_a_quantized_base_is_lora_s(tiny_llama_dir, quantized, autocast):
+    """On a bitsandbytes base the adapter weights (the shared pair included) take the dtype peft gives LoRA's: float32,
+    or without autocast_adapter_dtype a 4-bit layer's compute dtype (bfloat16 here)."""
+    from peft import LoraConfig
+
+    def adapter_dtypes(config, marker):
+        model = get_peft_model(
+            load_base_model(tiny_llama_dir, **quantized), config, autocast_adapter_dtype=autocast
+        )
+        return {p.dtype for name, p in model.named_parameters() if marker in name}
+
+    lora = adapter_dtypes(LoraConfig(r=8, target_modules=["q_proj", "down_proj"]), "lora_")
+    assert adapter_dtypes(DenseLoraConfig(r=8), "denselora") == lora
+    assert lora == {torch.bfloat16 if "load_4bit" in quantized and not autocast else torch.float32}
+
+
 @pytest.mark.parametrize("merge", ["merge_adapter", "merge_and_unload"])
 def test_merge_into_a_partly_quantized_base_is_refused_untouched(tiny_llama_dir, tiny_inputs, merge):
     """q_proj kept in float (bitsandbytes' llm_int8_skip_modules), the rest 4-bit: merging the Only Matrix variant
