@@ -143,6 +143,10 @@ class InputGroup:
     of them from one seed. (Under ``torch.inference_mode`` tensors have no version counter, so an in-place write
     to x between the members' calls goes unseen there; models compute q, k and v from one x without writing to it.)
 
+    Kept outputs serve one round of calls: a member that was already served, or computed them, calling again with
+    the same x starts a new round, which computes afresh (a step that calls q twice, then the next step on the same
+    x, or a checkpointed region replayed with its own inputs, never gets the previous round's outputs).
+
     Which path a call takes depends only on the calls before it in the same forward, so gradient checkpointing's
     recomputation takes the same paths and saves the same tensors. The one state change, giving up on a group
     whose members turn out to read different tensors (cross-attention's q against k/v), is made only outside
@@ -152,8 +156,11 @@ class InputGroup:
     def __init__(self, members: list[Linear]) -> None:
         self.members = members
         self.enabled = True
-        # (x, its version, grad mode, {id(member): (its output, _member_state when computed)})
-        self._pending: tuple[weakref.ref, int, bool, dict[int, tuple[torch.Tensor, tuple]]] | None = None
+        # (x, its version, grad mode, ids of the members computed, {id(member): (its output not yet served,
+        # _member_state when computed)})
+        self._pending: (
+            tuple[weakref.ref, int, bool, frozenset[int], dict[int, tuple[torch.Tensor, tuple]]] | None
+        ) = None
 
     def __deepcopy__(self, memo: dict) -> InputGroup:
         """The copied members, grouped afresh: outputs kept for a tensor of the original are not copied."""
@@ -168,15 +175,22 @@ class InputGroup:
             return None  # compiled: one call per layer, the graph holds no state between layers
         pending, self._pending = self._pending, None
         if pending is not None:
-            ref, version, grad_enabled, outputs = pending
-            if ref() is x and version == _version(x) and grad_enabled == torch.is_grad_enabled():
-                kept = outputs.pop(id(member), None)
+            ref, version, grad_enabled, computed, outputs = pending
+            same_x = ref() is x and version == _version(x) and grad_enabled == torch.is_grad_enabled()
+            if same_x and id(member) in outputs:
+                kept = outputs.pop(id(member))
                 self._pending = pending if outputs else None
-                if kept is None or kept[1] != _member_state(member, adapter):
-                    return None  # not computed with the others, or its adapter or weights changed since
+                if kept[1] != _member_state(member, adapter):
+                    return None  # its adapter or weights changed since
                 return kept[0] if member.groupable(x, adapter) else None
-            if outputs and self._may_stand_down():
+            if same_x and id(member) not in computed:
+                self._pending = pending
+                return None  # left out of the group (another adapter state): alone, the others still served
+            if not same_x and outputs and self._may_stand_down():
                 self.enabled = False  # kept outputs nobody asked for: these members read different tensors
+            # With the same x, a member already served (or the one that computed them) asking again means a new
+            # round (the next step, a checkpoint's replay) has begun: what was kept belongs to the last one, and
+            # is dropped. Either way the group computes afresh below.
         if not self.enabled or not member.groupable(x, adapter):
             return None
         p = member.dropout_p(adapter)
@@ -198,7 +212,8 @@ class InputGroup:
             for m, out in zip(members, outs, strict=True)
             if m is not member
         }
-        self._pending = (weakref.ref(x), _version(x), torch.is_grad_enabled(), kept)
+        computed = frozenset(id(m) for m in members)
+        self._pending = (weakref.ref(x), _version(x), torch.is_grad_enabled(), computed, kept)
         return outs[members.index(member)]
 
     def _may_stand_down(self) -> bool:
