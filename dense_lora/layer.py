@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
 from torch import nn
@@ -39,6 +40,13 @@ def reference_implementation(enabled: bool = True) -> Iterator[None]:
         yield
     finally:
         _reference_only = previous
+
+
+def _plain_formula() -> bool:
+    """Whether layers must compute through the plain formula: asked for (``reference_implementation``), or under a
+    ``torch.func`` transform (grad, vmap, jvp, jacrev) or forward-mode AD, which the fused autograd functions (no
+    ``setup_context``, ``vmap`` or ``jvp``) do not support and which trace the plain formula's ops exactly."""
+    return _reference_only or torch._C._are_functorch_transforms_active() or fwAD._current_level >= 0
 
 
 _one_call_per_layer = False
@@ -140,8 +148,9 @@ class InputGroup:
     layers are called with it in the same state (``_member_state``: adapter, dropout, weight versions; a weight
     updated in place or another adapter set in between makes the member run alone). A member called with anything
     else runs alone. With dropout each member keeps its own masks (of x, the hidden and the output), drawn for all
-    of them from one seed. (Under ``torch.inference_mode`` tensors have no version counter, so an in-place write
-    to x between the members' calls goes unseen there; models compute q, k and v from one x without writing to it.)
+    of them from one seed. (Under ``torch.inference_mode`` tensors have no version counter, and writes through ``.data`` or a
+    NumPy view do not bump it, so such a write to x between the members' calls goes unseen; models compute q, k and
+    v from one x without writing to it.)
 
     Kept outputs serve one round of calls: a member that was already served, or computed them, calling again with
     the same x starts a new round, which computes afresh (a step that calls q twice, then the next step on the same
@@ -358,7 +367,7 @@ class Linear(nn.Module, DenseLoraLayer):
             if out is not None:
                 return out
         # The fused path can run the frozen Linear itself (one input gradient for both); others get its output.
-        fuse_base = adapters[0] in self.denselora_M and not _reference_only and not args and not kwargs
+        fuse_base = adapters[0] in self.denselora_M and not _plain_formula() and not args and not kwargs
         result = self.base_layer if fuse_base else self.base_layer(x, *args, **kwargs)
         for adapter in adapters:
             result = self._add_adapter_update(adapter, x, result)
@@ -372,7 +381,7 @@ class Linear(nn.Module, DenseLoraLayer):
         """Whether this layer's output for ``x`` can be computed with its siblings' (``InputGroup``): ``adapter``
         is its only adapter in effect (enabled, not merged), a DenseLoRA one, over a frozen ``nn.Linear`` that the
         fused path may run itself (``runs_base_itself``: x's dtype and device, no hooks)."""
-        if _reference_only or adapter not in self.denselora_M:
+        if _plain_formula() or adapter not in self.denselora_M:
             return False
         if self.disable_adapters or self.merged:
             return False
@@ -451,7 +460,7 @@ class Linear(nn.Module, DenseLoraLayer):
             self.activation[adapter],
             self.scaling[adapter],
         )
-        if _reference_only:
+        if _plain_formula():
             weights = (encoder.to(device, dtype), middle.to(device, dtype), decoder.to(device, dtype))
             return result + dense_delta(x, *weights, activation, dropout, scaling).to(result.dtype)
         weights = self.adapter_weights(adapter, device)
