@@ -89,10 +89,12 @@ def init_tensor(
     return nn.init.kaiming_uniform_(tensor, a=math.sqrt(5), generator=generator)
 
 
-def unmergeable_base_error(base_layer: nn.Module) -> ValueError:
-    return ValueError(
-        f"cannot merge into a {type(base_layer).__name__} base layer; load the base model unquantized to merge"
-    )
+def require_mergeable_base(base_layer: nn.Module) -> None:
+    """A weight can be folded only into a plain ``nn.Linear`` (not a quantized one)."""
+    if type(base_layer) is not nn.Linear:
+        raise ValueError(
+            f"cannot merge into a {type(base_layer).__name__} base layer; load the base model unquantized to merge"
+        )
 
 
 def nonlinear_merge_error(adapter: str, activation: str) -> ValueError:
@@ -148,9 +150,9 @@ class InputGroup:
     layers are called with it in the same state (``_member_state``: adapter, dropout, weight versions; a weight
     updated in place or another adapter set in between makes the member run alone). A member called with anything
     else runs alone. With dropout each member keeps its own masks (of x, the hidden and the output), drawn for all
-    of them from one seed. (Under ``torch.inference_mode`` tensors have no version counter, and writes through ``.data`` or a
-    NumPy view do not bump it, so such a write to x between the members' calls goes unseen; models compute q, k and
-    v from one x without writing to it.)
+    of them from one seed. (Under ``torch.inference_mode`` tensors have no version counter, and writes through
+    ``.data`` or a NumPy view do not bump it, so such a write to x between the members' calls goes unseen; models
+    compute q, k and v from one x without writing to it.)
 
     Kept outputs serve one round of calls: a member that was already served, or computed them, calling again with
     the same x starts a new round, which computes afresh (a step that calls q twice, then the next step on the same
@@ -325,9 +327,8 @@ class DenseLoraLayer(BaseTunerLayer):
             if self.activation[adapter] != "identity":
                 raise nonlinear_merge_error(adapter, self.activation[adapter])
             encoder, decoder = self.shared.get(adapter, self.module_type)
-            middle = self.denselora_M[
-                adapter
-            ]  # on this layer's device; the shared pair may sit on another GPU
+            # M is on this layer's device; the shared pair may sit on another GPU
+            middle = self.denselora_M[adapter]
             delta = decoder.to(middle.device) @ middle @ encoder.to(middle.device)
         return delta * self.scaling[adapter]
 
@@ -472,8 +473,7 @@ class Linear(nn.Module, DenseLoraLayer):
         if not adapter_names:
             return
         base_layer = self.get_base_layer()
-        if type(base_layer) is not nn.Linear:
-            raise unmergeable_base_error(base_layer)
+        require_mergeable_base(base_layer)
         deltas = {
             name: self.get_delta_weight(name)
             for name in adapter_names

@@ -34,8 +34,8 @@ from .layer import (
     SharedWeights,
     init_tensor,
     nonlinear_merge_error,
+    require_mergeable_base,
     supported_base_layer_types,
-    unmergeable_base_error,
 )
 
 
@@ -340,10 +340,10 @@ class DenseLoraModel(BaseTuner):
             ):
                 raise nonlinear_merge_error(name, activation)
         for module in self.model.modules():
-            if not isinstance(module, DenseLoraLayer) or type(module.get_base_layer()) is nn.Linear:
-                continue
-            if any(name in module.denselora_M or name in module.denselora_A for name in names):
-                raise unmergeable_base_error(module.get_base_layer())
+            if isinstance(module, DenseLoraLayer) and any(
+                name in module.denselora_M or name in module.denselora_A for name in names
+            ):
+                require_mergeable_base(module.get_base_layer())
 
     # --- loading: all or nothing ---------------------------------------------------------------------------------------
 

@@ -204,9 +204,10 @@ def summary_table(
         accuracy = spread(member.mean_accuracy(datasets) for member in members)
         per_dataset = [spread(member.accuracy.get(name) for member in members) for name in datasets]
         first = members[0]
+        label = _label(key, members, matched)
         rows.append(
             [
-                _label(key, members, matched),
+                label,
                 f"{first.trainable:,}" if first.trainable else "0",
                 f"{first.share_pct:.3f}",
                 str(len(members)),
@@ -219,7 +220,7 @@ def summary_table(
             [
                 family,
                 key,
-                _label(key, members, matched),
+                label,
                 first.trainable,
                 first.share_pct,
                 len(members),

@@ -67,10 +67,11 @@ def nearest_count(target: int, counts: Mapping[str, int]) -> tuple[str, float] |
     """The key whose count is nearest ``target`` by ratio, and that ratio as a factor >= 1 (None: no counts).
 
     Ratios, not differences: a count twice the target is as far as one half of it."""
-    if not counts:
+    distances = {name: abs(math.log(count / target)) for name, count in counts.items()}
+    if not distances:
         return None
-    key = min(counts, key=lambda name: (abs(math.log(counts[name] / target)), name))
-    return key, math.exp(abs(math.log(counts[key] / target)))
+    key = min(distances, key=lambda name: (distances[name], name))
+    return key, math.exp(distances[key])
 
 
 def with_matched_headline(methods: Sequence[Method], matched: str | None) -> tuple[Method, ...]:
