@@ -499,3 +499,24 @@ def test_fused_dropout_refuses_a_revision_without_the_function_timed(
         script.main(["--old", "abc1234", "--shape", "12,12,4,4", "--tokens", "8", "--repeats", "1"])
     assert exit_info.value.code == 2
     assert "revision abc1234 has no fused_group_add" in capsys.readouterr().err
+
+
+# bench/native_probe.py: the fused layer against a C++ twin making the same ATen calls
+
+
+@pytest.mark.parametrize("flag", ["--repeats", "--seq", "--threads"])
+def test_native_probe_rejects_bad_arguments_before_compiling(
+    flag: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """Bad input is refused in one line with exit 2 before the minute of compiling or any model load."""
+    script = load_bench_script("native_probe")
+    import torch.utils.cpp_extension
+
+    def no_compiling(*args, **kwargs):
+        raise AssertionError("compiled before checking its arguments")
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load_inline", no_compiling)
+    with pytest.raises(SystemExit) as exit_info:
+        script.main([flag, "0"])
+    assert exit_info.value.code == 2
+    assert f"argument {flag}: must be a positive integer, got 0" in capsys.readouterr().err
