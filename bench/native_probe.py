@@ -9,7 +9,9 @@ autograd Function's Python forward and backward and the fused module's helpers. 
 
 Arms, interleaved one step each per repeat in a rotated order, paired ratios to LoRA's step:
 ``python`` (the fused path, one call per layer), ``native`` (the C++ twin, one call per layer), ``grouped``
-(the fused path as shipped: q/k/v in one call) and ``lora`` (peft LoRA). SmolLM2-135M, float32, QKVUD, r = 32.
+(the fused path as shipped: q/k/v in one call) and ``lora`` (peft LoRA). SmolLM2-135M, float32, QKVUD, r = 32,
+dropout 0, models, batch and step as ``bench/train_step.py`` builds and takes them (one set of weights, real
+BoolQ text, gradients dropped before each step).
 
     python bench/native_probe.py --batch 1 --seq 8 --repeats 40
     python bench/native_probe.py --batch 2 --seq 128 --repeats 16
@@ -17,9 +19,11 @@ Arms, interleaved one step each per repeat in a rotated order, paired ratios to 
 
 from __future__ import annotations
 
+import copy
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -28,13 +32,13 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # this checkout's dense_lora, from any working directory
 sys.path.insert(0, str(REPO_ROOT / "bench"))  # the other bench scripts
 
-from train_step import median_interval, paired_ratios, step_ratios  # noqa: E402
+import train_step as bench  # noqa: E402
 
-from dense_lora import DenseLoraConfig, layer  # noqa: E402
+from dense_lora import layer  # noqa: E402
 from dense_lora.cli import StrictArgumentParser, positive_int  # noqa: E402
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 ARMS = ("python", "native", "grouped", "lora")
+PYTHON_FUSED = layer.fused_dense_add
 
 CPP = r"""
 #include <torch/extension.h>
@@ -97,57 +101,44 @@ def parse_args(argv: list[str] | None = None):
     return parser.parse_args(argv)
 
 
-def build_models():
-    """DenseLoRA (nonzero adapter, dropout 0) and LoRA on two copies of SmolLM2 in float32, in train mode."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+def native_twin() -> Callable[..., torch.Tensor]:
+    """``fused_dense_add`` through the compiled twin, for the calls it covers; anything else is refused."""
+    from torch.utils.cpp_extension import load_inline
 
-    from dense_lora.models import smollm2_path
+    native = load_inline("dense_lora_native_probe", CPP, functions=["dense_add"], extra_cflags=["-O3"])
 
-    def wrap(config):
-        base = AutoModelForCausalLM.from_pretrained(smollm2_path(), dtype=torch.float32)
-        return get_peft_model(base, config).train()
+    def fused_dense_add(base, x, encoder, middle, decoder, activation, scaling, p, seed=None):
+        if activation != "gelu" or p or not isinstance(base, torch.nn.Linear) or base.bias is not None:
+            raise ValueError("the native twin covers GELU, dropout 0 and a bias-free nn.Linear base only")
+        return native.dense_add(x, base.weight, encoder, middle, decoder, scaling)
 
-    dense = wrap(
-        DenseLoraConfig(
-            r=32, lora_alpha=64, lora_dropout=0.0, target_modules=TARGETS, init_weights=False, init_seed=0
-        )
-    )
-    lora = wrap(LoraConfig(r=32, lora_alpha=64, lora_dropout=0.0, target_modules=TARGETS))
-    return dense, lora
+    return fused_dense_add
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    from torch.utils.cpp_extension import load_inline
-
-    native = load_inline("dense_lora_native_probe", CPP, functions=["dense_add"], extra_cflags=["-O3"])
-    python_fused = layer.fused_dense_add
-
-    def native_fused(base, x, encoder, middle, decoder, activation, scaling, p, seed=None):
-        if activation != "gelu" or p or not isinstance(base, torch.nn.Linear) or base.bias is not None:
-            raise ValueError("the native twin covers GELU, dropout 0 and a bias-free nn.Linear base only")
-        return native.dense_add(x, base.weight, encoder, middle, decoder, scaling)
-
-    dense, lora = build_models()
-    ids = torch.randint(0, 1000, (args.batch, args.seq))
+    twin = native_twin()
+    settings = bench.Settings(model="smollm2", dtype="fp32", batch=args.batch, seq=args.seq, dropout=0.0)
+    base = bench.build_base(settings)
+    dense = bench.attach_method(copy.deepcopy(base), "denselora", settings)
+    lora = bench.attach_method(base, "lora", settings)
+    batch = bench.make_batch(settings, base.config.vocab_size)
 
     def step(arm: str) -> None:
         if arm == "lora":
-            lora(input_ids=ids, labels=ids).loss.backward()
+            bench.train_step(lora, batch, "lora")
             return
-        layer.fused_dense_add = native_fused if arm == "native" else python_fused
+        # the shipped path ("denselora"), or one call per layer ("denselora-per-layer") through either function
+        method = "denselora" if arm == "grouped" else "denselora-per-layer"
+        layer.fused_dense_add = twin if arm == "native" else PYTHON_FUSED
         try:
-            with layer.one_call_per_layer(arm != "grouped"):
-                dense(input_ids=ids, labels=ids).loss.backward()
+            bench.train_step(dense, batch, method)
         finally:
-            layer.fused_dense_add = python_fused
+            layer.fused_dense_add = PYTHON_FUSED
 
     grads = {}
     for arm in ("python", "native"):
-        dense.zero_grad()
         step(arm)
         grads[arm] = [p.grad.clone() for p in dense.parameters() if p.grad is not None]
     identical = all(torch.equal(a, b) for a, b in zip(grads["python"], grads["native"], strict=True))
@@ -165,8 +156,8 @@ def main(argv: list[str] | None = None) -> None:
     print("| arm | median step ms | paired x LoRA (IQR) | 95% CI of the median |")
     print("|---|---:|---:|---:|")
     for arm in ARMS:
-        ratio, (low, high) = paired_ratios(times[arm], times["lora"])
-        ci_low, ci_high = median_interval(step_ratios(times[arm], times["lora"]))
+        ratio, (low, high) = bench.paired_ratios(times[arm], times["lora"])
+        ci_low, ci_high = bench.median_interval(bench.step_ratios(times[arm], times["lora"]))
         median_ms = statistics.median(times[arm]) * 1e3
         print(
             f"| {arm} | {median_ms:.1f} | {ratio:.3f} ({low:.2f}-{high:.2f}) | {ci_low:.2f}-{ci_high:.2f} |"
