@@ -319,6 +319,10 @@ class DenseLoraLayer(BaseTunerLayer):
             self.denselora_M[adapter_name] = nn.Parameter(middle.to(device))
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
+    def adapts(self, adapter: str) -> bool:
+        """Whether ``adapter`` has weights on this layer: DenseLoRA's M or, in ``lora_modules``, LoRA's A/B."""
+        return adapter in self.denselora_M or adapter in self.denselora_A
+
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """ΔW (out x in) of a linear adapter: s·B·A for LoRA modules, s·W_d·M·W_e for the identity activation."""
         if adapter in self.denselora_A:
@@ -376,7 +380,7 @@ class Linear(nn.Module, DenseLoraLayer):
 
     def _adapters_in_effect(self) -> list[str]:
         """The active adapters that adapt this layer (DenseLoRA or, in ``lora_modules``, LoRA), in order."""
-        return [a for a in self.active_adapters if a in self.denselora_M or a in self.denselora_A]
+        return [a for a in self.active_adapters if self.adapts(a)]
 
     def groupable(self, x: torch.Tensor, adapter: str) -> bool:
         """Whether this layer's output for ``x`` can be computed with its siblings' (``InputGroup``): ``adapter``
@@ -421,7 +425,7 @@ class Linear(nn.Module, DenseLoraLayer):
             )
         result = self.base_layer(x, *args, **kwargs)
         for adapter in dict.fromkeys(adapter_names):
-            if adapter not in self.denselora_M and adapter not in self.denselora_A:
+            if not self.adapts(adapter):
                 continue  # "__base__", or an adapter that does not adapt this module
             rows = [i for i, name in enumerate(adapter_names) if name == adapter]
             result[rows] = result[rows] + self._adapter_delta(adapter, x[rows]).to(result.dtype)

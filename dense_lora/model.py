@@ -202,8 +202,6 @@ class DenseLoraModel(BaseTuner):
                 del container[adapter_name]
         self._sync_shared_requires_grad()
 
-    # --- dtype ------------------------------------------------------------------------------------------------------
-
     def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
         """transformers' ``num_parameters`` of the base model plus the shared W_e/W_d, which live here, outside it.
 
@@ -219,6 +217,8 @@ class DenseLoraModel(BaseTuner):
             self.model.num_parameters(only_trainable=only_trainable, exclude_embeddings=exclude_embeddings)
             + shared
         )
+
+    # --- dtype ------------------------------------------------------------------------------------------------------
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         """peft's contract: adapter weights in the base layer's dtype, float16 and bfloat16 upcast to float32 unless
@@ -340,9 +340,7 @@ class DenseLoraModel(BaseTuner):
             ):
                 raise nonlinear_merge_error(name, activation)
         for module in self.model.modules():
-            if isinstance(module, DenseLoraLayer) and any(
-                name in module.denselora_M or name in module.denselora_A for name in names
-            ):
+            if isinstance(module, DenseLoraLayer) and any(module.adapts(name) for name in names):
                 require_mergeable_base(module.get_base_layer())
 
     # --- loading: all or nothing ---------------------------------------------------------------------------------------
