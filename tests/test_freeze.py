@@ -65,7 +65,8 @@ def test_only_m_is_trainable():
     assert sum(trainable.values()) == LAYERS * len(DEFAULT_TARGET_MODULES) * R * R == 960
     trainable_count, _ = model.get_nb_trainable_parameters()
     assert trainable_count == 960
-    assert model.num_parameters(only_trainable=True) == 960  # the shared pair is a buffer here, counted nowhere
+    # the shared pair is a buffer here, counted nowhere
+    assert model.num_parameters(only_trainable=True) == 960
 
 
 @pytest.mark.parametrize("activation", ["gelu", "identity"])
