@@ -1,8 +1,8 @@
 """How much of DenseLoRA's step is Python: the fused layer against the same ATen ops in one C++ autograd Function.
 
 A probe, not a feature. It compiles (``torch.utils.cpp_extension.load_inline``: a C++ compiler and ninja, about
-a minute on 2 cores) a C++ twin of ``fused._DenseLoraFunction`` for the case it covers: dropout 0, GELU, a frozen
-bias-free ``nn.Linear`` run inside the function. The twin issues the same ATen calls in the same order, so its
+a minute on 2 cores, every run, in a temporary directory) a C++ twin of ``fused._DenseLoraFunction`` for the case
+it covers: dropout 0, GELU, a frozen bias-free ``nn.Linear`` run inside the function. The twin issues the same ATen calls in the same order, so its
 gradients are bit-identical (checked before timing) and any time it saves is the Python around the kernels: the
 autograd Function's Python forward and backward and the fused module's helpers. The layer wrapper and
 ``InputGroup`` bookkeeping are the same in both arms.
@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -101,11 +102,20 @@ def parse_args(argv: list[str] | None = None):
     return parser.parse_args(argv)
 
 
-def native_twin() -> Callable[..., torch.Tensor]:
-    """``fused_dense_add`` through the compiled twin, for the calls it covers; anything else is refused."""
+def native_twin(build_directory: str) -> Callable[..., torch.Tensor]:
+    """``fused_dense_add`` through the compiled twin, for the calls it covers; anything else is refused.
+
+    Built in a directory of this run's own: torch's shared extension cache keeps a lock file while compiling,
+    and a run killed then leaves it behind, so that every later build there waits for it forever."""
     from torch.utils.cpp_extension import load_inline
 
-    native = load_inline("dense_lora_native_probe", CPP, functions=["dense_add"], extra_cflags=["-O3"])
+    native = load_inline(
+        "dense_lora_native_probe",
+        CPP,
+        functions=["dense_add"],
+        extra_cflags=["-O3"],
+        build_directory=build_directory,
+    )
 
     def fused_dense_add(base, x, encoder, middle, decoder, activation, scaling, p, seed=None):
         if activation != "gelu" or p or not isinstance(base, torch.nn.Linear) or base.bias is not None:
@@ -118,7 +128,8 @@ def native_twin() -> Callable[..., torch.Tensor]:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    twin = native_twin()
+    with tempfile.TemporaryDirectory(prefix="dense-lora-native-probe-") as build_directory:
+        twin = native_twin(build_directory)  # loaded: the library stays mapped once its file is gone
     settings = bench.Settings(model="smollm2", dtype="fp32", batch=args.batch, seq=args.seq, dropout=0.0)
     base = bench.build_base(settings)
     dense = bench.attach_method(copy.deepcopy(base), "denselora", settings)
